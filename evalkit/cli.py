@@ -1,0 +1,155 @@
+"""Command line: ``evalkit attribute`` (generate once, trace once, attribute with several methods)
+and ``evalkit methods`` (list registered methods). Input errors exit with code 2 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .methods import UnknownMethodError, available_methods, create_method, get_method_class
+from .trace import PromptTooLongError, WordNotFoundError, tokenize_prompt
+
+#: Errors that mean "the input was wrong": reported in one line, exit code 2.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    UnknownMethodError,
+    WordNotFoundError,
+    PromptTooLongError,
+)
+
+
+def _parse_value(text: str):
+    """CLI parameter value: int, float, true/false, or string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
+    """``["hrv-selective.k=20", ...]`` -> ``{"hrv-selective": {"k": 20}}``; names must be requested methods."""
+    out: dict[str, dict] = {m: {} for m in methods}
+    for item in items:
+        head, sep, value = item.partition("=")
+        method, dot, key = head.rpartition(".")
+        if not sep or not dot or not key:
+            raise ValueError(f"--param {item!r} must look like METHOD.NAME=VALUE, e.g. hrv-selective.k=20")
+        if method not in out:
+            raise ValueError(f"--param {item!r} names method {method!r}, which is not in --methods {list(methods)}")
+        out[method][key] = _parse_value(value)
+    return out
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Print one line per registered attribution method."""
+    methods = available_methods()
+    width = max(len(n) for n in methods)
+    for name, summary in methods.items():
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    """Generate once, trace once, write the image, per-method npz maps and overlays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .models import load
+    from .trace import generate
+
+    method_names = _split(args.methods)
+    if not method_names:
+        raise ValueError("--methods is empty: name at least one method (see `evalkit methods`)")
+    for name in method_names:
+        get_method_class(name)  # unknown names fail before any model is loaded
+    params = parse_method_params(args.param or [], method_names)
+    methods = [create_method(name, **params[name]) for name in method_names]
+    pipe = load(args.model, scheduler=args.scheduler, dtype=args.dtype, device=args.device)
+    tokens = tokenize_prompt(pipe.tokenizer, args.prompt, truncate=args.truncate)
+    words = _split(args.words) or list(dict.fromkeys(w.text for w in tokens.words if w.text.isalnum()))
+    for w in words:
+        tokens.positions(w)  # a word not in the prompt fails before generating
+    stats = set().union(*(m.needs for m in methods))
+    gen = generate(pipe, args.prompt, seeds=args.seed, steps=args.steps, guidance=args.guidance,
+                   height=args.height, width=args.width, stats=stats, truncate=args.truncate)
+    trace, image = gen.traces[0], gen.images[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image.save(out / "image.png")
+    summary = {"model": args.model, "prompt": args.prompt, "seed": args.seed, "tokens": list(trace.tokens.pieces),
+               "words": words, "settings": trace.settings, "n_unet_calls": trace.n_steps, "methods": {}}
+    for method in methods:
+        attribution = method.attribute(trace, words)
+        attribution.save_npz(out / f"{method.name}.npz")
+        for word in words:
+            fig, ax = plt.subplots(figsize=(4, 4))
+            attribution.overlay(image, word, ax=ax)
+            fig.savefig(out / f"{method.name}_{_safe(word)}.png", dpi=100, bbox_inches="tight")
+            plt.close(fig)
+        summary["methods"][method.name] = attribution.params
+    (out / "attribution.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out}/image.png and maps of {len(words)} word(s) for {', '.join(method_names)}")
+    return 0
+
+
+def _safe(word: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in word)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``evalkit`` argument parser."""
+    parser = argparse.ArgumentParser(prog="evalkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list registered attribution methods")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("attribute", help="generate once, trace once, attribute words with several methods")
+    p.add_argument("--model", default="tiny-sd", help="built-in name, local diffusers folder, or hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--scheduler", default=None, help="ddim, dpm-solver, pndm or euler (default: the model's)")
+    p.add_argument("--methods", default="daam,raw-attn,norm,hrv-selective")
+    p.add_argument("--param", action="append", help="method parameter METHOD.NAME=VALUE (repeatable)")
+    p.add_argument("--words", default=None, help="comma-separated words (default: every word of the prompt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--truncate", action="store_true", help="cut prompts longer than 77 tokens (with a warning)")
+    p.set_defaults(func=cmd_attribute)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 input error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except INPUT_ERRORS as err:
+        print(f"evalkit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

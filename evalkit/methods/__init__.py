@@ -1,0 +1,32 @@
+"""Attribution methods: the base API, the registry, and the built-in methods."""
+
+from . import daam, hrv, norm, raw_attn  # noqa: F401  (registers the built-ins)
+from .base import Attribution, AttributionMethod, aggregate
+from .daam import DAAM
+from .hrv import HeadRelevance, HRVSelective
+from .norm import NormAttribution, SquaredNormAttribution
+from .raw_attn import RawAttn
+from .registry import (
+    UnknownMethodError,
+    available_methods,
+    create_method,
+    get_method_class,
+    register_method,
+)
+
+__all__ = [
+    "DAAM",
+    "Attribution",
+    "AttributionMethod",
+    "HRVSelective",
+    "HeadRelevance",
+    "NormAttribution",
+    "RawAttn",
+    "SquaredNormAttribution",
+    "UnknownMethodError",
+    "aggregate",
+    "available_methods",
+    "create_method",
+    "get_method_class",
+    "register_method",
+]

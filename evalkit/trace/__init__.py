@@ -1,0 +1,23 @@
+"""Cross-attention tracing: processors that record attn2 statistics, layer metadata, token alignment."""
+
+from .layers import LayerInfo, find_cross_attention_layers
+from .processor import STAT_DOCS, LayerRecorder, TracingAttnProcessor
+from .tokens import PromptTokens, PromptTooLongError, Word, WordNotFoundError, tokenize_prompt
+from .tracer import Generation, Trace, Tracer, generate
+
+__all__ = [
+    "STAT_DOCS",
+    "Generation",
+    "LayerInfo",
+    "LayerRecorder",
+    "PromptTokens",
+    "PromptTooLongError",
+    "Trace",
+    "Tracer",
+    "TracingAttnProcessor",
+    "Word",
+    "WordNotFoundError",
+    "find_cross_attention_layers",
+    "generate",
+    "tokenize_prompt",
+]

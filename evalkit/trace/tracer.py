@@ -1,0 +1,238 @@
+"""Tracing a generation: install recording processors on every attn2 module, run the pipeline once,
+restore the original processors (also after an exception), and hand back one :class:`Trace` per
+conditional batch item."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .layers import LayerInfo, find_cross_attention_layers
+from .processor import STAT_DOCS, LayerRecorder, TracingAttnProcessor
+from .tokens import PromptTokens, tokenize_prompt
+
+
+@dataclass
+class Trace:
+    """Reduced cross-attention statistics of one generation (one prompt, one seed).
+
+    ``stats[name][i]`` belongs to ``layers[i]``: shape ``(heads, Q, K)`` for summed statistics and
+    ``(steps, Q, K)`` for per-step ones, with ``Q = h * w`` row-major on the layer grid and ``K``
+    the text-encoder context (start token at 0).
+    """
+
+    prompt: str
+    tokens: PromptTokens
+    layers: list[LayerInfo]
+    stats: dict[str, list[torch.Tensor]]
+    n_steps: int
+    latent_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+    seed: int | None = None
+    settings: dict = field(default_factory=dict)
+
+    def require(self, names: Iterable[str], who: str = "this method") -> None:
+        """Raise a clear error if the trace lacks a statistic."""
+        missing = [n for n in names if n not in self.stats]
+        if missing:
+            raise ValueError(
+                f"{who} needs trace statistics {missing}, but the trace recorded {sorted(self.stats)}: "
+                "trace again with the method listed, e.g. generate(..., methods=[...])"
+            )
+
+    def layer_maps(self, stat: str, layer: int, positions: Sequence[int]) -> torch.Tensor:
+        """Maps of token ``positions`` in layer ``layer``: ``(heads_or_steps, len(positions), h, w)``."""
+        x = self.stats[stat][layer]
+        h, w = self.layers[layer].grid(self.latent_hw)
+        sel = x[..., list(positions)]  # (N, Q, P)
+        return sel.permute(0, 2, 1).reshape(x.shape[0], len(positions), h, w)
+
+    def head_names(self) -> list[str]:
+        """All (layer, head) names in HRV convention, in the trace's layer order."""
+        return [n for layer in self.layers for n in layer.head_names()]
+
+    # -- persistence (safe formats only: safetensors + json) --------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write ``trace.safetensors`` and ``trace.json`` to ``directory``."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"{name}/{i}": t.contiguous() for name, per_layer in self.stats.items() for i, t in enumerate(per_layer)
+        }
+        save_file(tensors, str(d / "trace.safetensors"))
+        meta = {
+            "prompt": self.prompt,
+            "ids": list(self.tokens.ids),
+            "layers": [vars(lay) for lay in self.layers],
+            "stats": sorted(self.stats),
+            "n_steps": self.n_steps,
+            "latent_hw": list(self.latent_hw),
+            "image_hw": list(self.image_hw),
+            "seed": self.seed,
+            "settings": self.settings,
+        }
+        (d / "trace.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path, tokenizer) -> Trace:
+        """Read a trace written by :meth:`save`; ``tokenizer`` re-derives the word alignment."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        meta = json.loads((d / "trace.json").read_text())
+        tensors = load_file(str(d / "trace.safetensors"))
+        layers = [LayerInfo(**lay) for lay in meta["layers"]]
+        stats = {name: [tensors[f"{name}/{i}"] for i in range(len(layers))] for name in meta["stats"]}
+        tokens = tokenize_prompt(tokenizer, meta["prompt"], truncate=True)
+        return cls(
+            prompt=meta["prompt"],
+            tokens=tokens,
+            layers=layers,
+            stats=stats,
+            n_steps=meta["n_steps"],
+            latent_hw=tuple(meta["latent_hw"]),
+            image_hw=tuple(meta["image_hw"]),
+            seed=meta["seed"],
+            settings=meta["settings"],
+        )
+
+
+class Tracer:
+    """Context manager that records attn2 statistics of a UNet while a pipeline runs.
+
+    ``n_cond`` is the number of conditional rows per UNet call; with classifier-free guidance the
+    UNet batch is ``[unconditional; conditional]`` and only the last ``n_cond`` rows are recorded.
+    """
+
+    def __init__(self, unet: torch.nn.Module, stats: Iterable[str], *, n_cond: int, cfg: bool) -> None:
+        self.unet = unet
+        self.stats = frozenset(stats)
+        self.n_cond = n_cond
+        self.cfg = cfg
+        self.layers = find_cross_attention_layers(unet)
+        self.recorders: list[LayerRecorder] = []
+        self._originals: list[tuple[torch.nn.Module, object]] = []
+
+    def __enter__(self) -> Tracer:
+        rows = slice(self.n_cond, 2 * self.n_cond) if self.cfg else slice(0, self.n_cond)
+        self.recorders = []
+        self._originals = []
+        try:
+            for _info, module in self.layers:
+                recorder = LayerRecorder(self.stats, rows)
+                self._originals.append((module, module.processor))
+                module.set_processor(TracingAttnProcessor(recorder))
+                self.recorders.append(recorder)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for module, processor in reversed(self._originals):
+            module.set_processor(processor)
+        self._originals = []
+
+    def n_steps(self) -> int:
+        """Number of UNet calls seen (denoising steps); equal across layers."""
+        return self.recorders[0].n_calls if self.recorders else 0
+
+    def item_stats(self, item: int) -> dict[str, list[torch.Tensor]]:
+        """Per-layer statistics of conditional batch item ``item``."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for name in sorted(self.stats):
+            per_layer = []
+            for rec in self.recorders:
+                if name in rec.sums:
+                    per_layer.append(rec.sums[name][item])
+                elif name in rec.steps:
+                    per_layer.append(torch.stack([s[item] for s in rec.steps[name]]))
+                else:
+                    raise RuntimeError("the pipeline never called the traced UNet: nothing was recorded")
+            out[name] = per_layer
+        return out
+
+
+@dataclass
+class Generation:
+    """What one traced pipeline call produced: images and one trace per prompt."""
+
+    images: list[Image.Image]
+    traces: list[Trace]
+
+
+def generate(
+    pipe,
+    prompts: str | Sequence[str],
+    *,
+    seeds: int | Sequence[int] = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    stats: Iterable[str] = ("attn",),
+    truncate: bool = False,
+) -> Generation:
+    """Generate one image per prompt (batched in one pipeline call) and trace it.
+
+    Each item gets its own ``torch.Generator`` seeded with its seed, so an item's initial noise
+    does not depend on its batch neighbours. Prompts longer than the context raise (see
+    :func:`evalkit.trace.tokens.tokenize_prompt`).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seed_list = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+    if len(seed_list) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seed_list)} seeds: give one seed per prompt")
+    unknown = set(stats) - set(STAT_DOCS)
+    if unknown:
+        raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(STAT_DOCS)}")
+    tokens = [tokenize_prompt(pipe.tokenizer, p, truncate=truncate) for p in prompts]
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    sample = pipe.unet.config.sample_size
+    sample_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    height = int(height or sample_hw[0] * scale)
+    width = int(width or sample_hw[1] * scale)
+    if height % scale or width % scale:
+        raise ValueError(f"height and width must be multiples of {scale}, got {height}x{width}")
+    cfg = guidance > 1.0 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    device = pipe.device
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed_list]
+    with Tracer(pipe.unet, stats, n_cond=len(prompts), cfg=cfg) as tracer:
+        out = pipe(
+            prompt=prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=generators if len(generators) > 1 else generators[0],
+            output_type="pil",
+        )
+    del device
+    latent_hw = (height // scale, width // scale)
+    settings = {"steps": steps, "guidance": guidance, "height": height, "width": width,
+                "scheduler": type(pipe.scheduler).__name__}
+    traces = [
+        Trace(
+            prompt=p,
+            tokens=tok,
+            layers=[info for info, _ in tracer.layers],
+            stats=tracer.item_stats(i),
+            n_steps=tracer.n_steps(),
+            latent_hw=latent_hw,
+            image_hw=(height, width),
+            seed=int(seed_list[i]),
+            settings=settings,
+        )
+        for i, (p, tok) in enumerate(zip(prompts, tokens))
+    ]
+    return Generation(images=list(out.images), traces=traces)
