@@ -59,8 +59,11 @@ class HeadRelevance:
 
     def save(self, path: str | Path) -> None:
         """Write the JSON format that :meth:`load` reads."""
-        concepts = [{"concept": c, "words": list(self.words.get(c, ())), "hrv": list(v)} for c, v in self.vectors.items()]
-        Path(path).write_text(json.dumps({"model": self.model, "heads": list(self.heads), "concepts": concepts}, indent=1))
+        concepts = [
+            {"concept": c, "words": list(self.words.get(c, ())), "hrv": list(v)} for c, v in self.vectors.items()
+        ]
+        payload = {"model": self.model, "heads": list(self.heads), "concepts": concepts}
+        Path(path).write_text(json.dumps(payload, indent=1))
 
     def vector(self, concept: str) -> torch.Tensor:
         """The concept's HRV as a float tensor; an unknown concept suggests the closest name."""

@@ -205,7 +205,6 @@ def generate(
     if height % scale or width % scale:
         raise ValueError(f"height and width must be multiples of {scale}, got {height}x{width}")
     cfg = guidance > 1.0 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
-    device = pipe.device
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed_list]
     with Tracer(pipe.unet, stats, n_cond=len(prompts), cfg=cfg) as tracer:
         out = pipe(
@@ -217,7 +216,6 @@ def generate(
             generator=generators if len(generators) > 1 else generators[0],
             output_type="pil",
         )
-    del device
     latent_hw = (height // scale, width // scale)
     settings = {"steps": steps, "guidance": guidance, "height": height, "width": width,
                 "scheduler": type(pipe.scheduler).__name__}
