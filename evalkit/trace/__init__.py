@@ -1,13 +1,14 @@
 """Cross-attention tracing: processors that record attn2 statistics, layer metadata, token alignment."""
 
 from .layers import LayerInfo, find_cross_attention_layers
-from .processor import STAT_DOCS, LayerRecorder, TracingAttnProcessor
+from .processor import STAT_DOCS, LayerEdit, LayerRecorder, TracingAttnProcessor
 from .tokens import PromptTokens, PromptTooLongError, Word, WordNotFoundError, tokenize_prompt
 from .tracer import Generation, Trace, Tracer, generate
 
 __all__ = [
     "STAT_DOCS",
     "Generation",
+    "LayerEdit",
     "LayerInfo",
     "LayerRecorder",
     "PromptTokens",

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -54,14 +56,23 @@ class LayerRecorder:
         scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask[rows].float()
-        probs = scores.softmax(dim=-1)  # (B, H, Q, K)
+        self._accumulate(attn, scores.softmax(dim=-1), value[rows])
+
+    @torch.no_grad()
+    def record_probs(self, attn, probs: torch.Tensor, value: torch.Tensor) -> None:
+        """Add one call's statistics from probabilities already computed (and possibly edited)."""
+        rows = self._rows(probs.shape[0])
+        self._accumulate(attn, probs[rows].float(), value[rows])
+
+    def _accumulate(self, attn, probs: torch.Tensor, value: torch.Tensor) -> None:
+        """``probs`` (B, H, Q, K) and ``value`` (B, H, K, d) of the conditional rows."""
         self.n_calls += 1
         if "attn" in self.stats:
             self._add("attn", probs)
         if "attn_steps" in self.stats:
             self.steps.setdefault("attn_steps", []).append(probs.mean(dim=1))
         if self.need_norm:
-            contrib = probs * self.value_norms(attn, value[rows])[:, :, None, :]
+            contrib = probs * self.value_norms(attn, value)[:, :, None, :]
             if "norm" in self.stats:
                 self._add("norm", contrib)
             if "norm_sq" in self.stats:
@@ -90,13 +101,53 @@ class LayerRecorder:
         return projected.norm(dim=-1)
 
 
-class TracingAttnProcessor:
-    """Drop-in replacement of ``AttnProcessor2_0`` for one attn2 module that also records
-    statistics. The output path runs the same operations in the same order, so images are
-    bit-identical to untraced generation."""
+@dataclass
+class LayerEdit:
+    """Edits of one attn2 layer during generation (all optional; ``None`` leaves a part untouched).
 
-    def __init__(self, recorder: LayerRecorder) -> None:
+    - ``prob_scale`` ``(heads, K)``: multiplies the conditional rows' attention probabilities after
+      the softmax (no renormalization, as in Prompt-to-Prompt reweighting); forces the explicit
+      attention path.
+    - ``value_scale`` ``(heads, K)``: multiplies the conditional rows' value vectors; only during the
+      first ``value_steps`` UNet calls when that is set.
+    - ``head_scale`` ``(heads,)``: multiplies each head's attention output in every row (0 removes a
+      head from the model, for both halves of classifier-free guidance).
+    """
+
+    prob_scale: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+    value_steps: int | None = None
+    head_scale: torch.Tensor | None = None
+
+    def merged(self, other: LayerEdit) -> LayerEdit:
+        """Both edits applied together (multipliers multiply)."""
+
+        def mul(a, b):
+            return b if a is None else a if b is None else a * b
+
+        if self.value_scale is not None and other.value_scale is not None and self.value_steps != other.value_steps:
+            raise ValueError("two value edits with different step windows cannot be combined on one layer")
+        return LayerEdit(
+            prob_scale=mul(self.prob_scale, other.prob_scale),
+            value_scale=mul(self.value_scale, other.value_scale),
+            value_steps=self.value_steps if self.value_scale is not None else other.value_steps,
+            head_scale=mul(self.head_scale, other.head_scale),
+        )
+
+
+class TracingAttnProcessor:
+    """Drop-in replacement of ``AttnProcessor2_0`` for one attn2 module that records statistics
+    (``recorder``) and/or applies an intervention (``edit``). Without a probability edit the output
+    path runs the same operations in the same order as diffusers, so images are bit-identical to
+    untraced generation; with one, attention is computed explicitly (softmax, edit, matmul)."""
+
+    def __init__(self, recorder: LayerRecorder | None = None, edit: LayerEdit | None = None,
+                 cond_rows: slice | None = None, observer=None) -> None:
         self.recorder = recorder
+        self.edit = edit
+        self.cond_rows = cond_rows
+        self.observer = observer  # callable(attn, query, key, value, rows): read-only analyses (HRV construction)
+        self.n_calls = 0
 
     def __call__(
         self,
@@ -141,10 +192,33 @@ class TracingAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
-        self.recorder.record(attn, query, key, value, attention_mask)
+        edit = self.edit
+        rows = self.cond_rows if self.cond_rows is not None else slice(0, batch_size)
+        if self.observer is not None:
+            self.observer(attn, query, key, value, rows)
+        if edit is not None and edit.value_scale is not None and (
+            edit.value_steps is None or self.n_calls < edit.value_steps
+        ):
+            value = value.clone()
+            value[rows] = value[rows] * edit.value_scale.to(value)[None, :, :, None]
+        if edit is not None and edit.prob_scale is not None:
+            scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = scores.softmax(dim=-1)
+            probs[rows] = probs[rows] * edit.prob_scale.to(probs)[None, :, None, :]
+            out = torch.matmul(probs, value)
+            if self.recorder is not None:
+                self.recorder.record_probs(attn, probs, value)
+        else:
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+            if self.recorder is not None:
+                self.recorder.record(attn, query, key, value, attention_mask)
+        if edit is not None and edit.head_scale is not None:
+            out = out * edit.head_scale.to(out)[None, :, None, None]
+        self.n_calls += 1
 
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .layers import LayerInfo, find_cross_attention_layers
-from .processor import STAT_DOCS, LayerRecorder, TracingAttnProcessor
+from .processor import STAT_DOCS, LayerEdit, LayerRecorder, TracingAttnProcessor
 from .tokens import PromptTokens, tokenize_prompt
 
 
@@ -111,12 +111,26 @@ class Tracer:
     UNet batch is ``[unconditional; conditional]`` and only the last ``n_cond`` rows are recorded.
     """
 
-    def __init__(self, unet: torch.nn.Module, stats: Iterable[str], *, n_cond: int, cfg: bool) -> None:
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        stats: Iterable[str],
+        *,
+        n_cond: int,
+        cfg: bool,
+        edits: dict[str, LayerEdit] | None = None,
+        observers: dict[str, object] | None = None,
+    ) -> None:
         self.unet = unet
+        self.observers = dict(observers or {})
         self.stats = frozenset(stats)
         self.n_cond = n_cond
         self.cfg = cfg
         self.layers = find_cross_attention_layers(unet)
+        self.edits = dict(edits or {})
+        unknown = set(self.edits) - {info.name for info, _ in self.layers}
+        if unknown:
+            raise ValueError(f"edits name layers the UNet does not have: {sorted(unknown)[:3]}")
         self.recorders: list[LayerRecorder] = []
         self._originals: list[tuple[torch.nn.Module, object]] = []
 
@@ -125,11 +139,16 @@ class Tracer:
         self.recorders = []
         self._originals = []
         try:
-            for _info, module in self.layers:
-                recorder = LayerRecorder(self.stats, rows)
+            for info, module in self.layers:
+                edit = self.edits.get(info.name)
+                observer = self.observers.get(info.name)
+                if not self.stats and edit is None and observer is None:
+                    continue
+                recorder = LayerRecorder(self.stats, rows) if self.stats else None
                 self._originals.append((module, module.processor))
-                module.set_processor(TracingAttnProcessor(recorder))
-                self.recorders.append(recorder)
+                module.set_processor(TracingAttnProcessor(recorder, edit, rows, observer))
+                if recorder is not None:
+                    self.recorders.append(recorder)
         except BaseException:
             self._restore()
             raise
@@ -182,14 +201,19 @@ def generate(
     width: int | None = None,
     stats: Iterable[str] = ("attn",),
     truncate: bool = False,
+    interventions: Sequence = (),
 ) -> Generation:
     """Generate one image per prompt (batched in one pipeline call) and trace it.
 
     Each item gets its own ``torch.Generator`` seeded with its seed, so an item's initial noise
     does not depend on its batch neighbours. Prompts longer than the context raise (see
-    :func:`evalkit.trace.tokens.tokenize_prompt`).
+    :func:`evalkit.trace.tokens.tokenize_prompt`). ``interventions`` (see
+    :mod:`evalkit.interventions`) rewrite the prompt and/or edit attn2 layers; edits that depend
+    on token positions must agree across the batch.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    for iv in interventions:
+        prompts = [iv.rewrite(p) for p in prompts]
     seed_list = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seed_list)} seeds: give one seed per prompt")
@@ -197,6 +221,8 @@ def generate(
     if unknown:
         raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(STAT_DOCS)}")
     tokens = [tokenize_prompt(pipe.tokenizer, p, truncate=truncate) for p in prompts]
+    layer_infos = [info for info, _ in find_cross_attention_layers(pipe.unet)]
+    edits = _edits_for(interventions, layer_infos, tokens)
     scale = int(getattr(pipe, "vae_scale_factor", 8))
     sample = pipe.unet.config.sample_size
     sample_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
@@ -206,7 +232,7 @@ def generate(
         raise ValueError(f"height and width must be multiples of {scale}, got {height}x{width}")
     cfg = guidance > 1.0 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed_list]
-    with Tracer(pipe.unet, stats, n_cond=len(prompts), cfg=cfg) as tracer:
+    with Tracer(pipe.unet, stats, n_cond=len(prompts), cfg=cfg, edits=edits) as tracer:
         out = pipe(
             prompt=prompts,
             num_inference_steps=steps,
@@ -218,13 +244,14 @@ def generate(
         )
     latent_hw = (height // scale, width // scale)
     settings = {"steps": steps, "guidance": guidance, "height": height, "width": width,
-                "scheduler": type(pipe.scheduler).__name__}
+                "scheduler": type(pipe.scheduler).__name__,
+                "interventions": [iv.describe() for iv in interventions]}
     traces = [
         Trace(
             prompt=p,
             tokens=tok,
             layers=[info for info, _ in tracer.layers],
-            stats=tracer.item_stats(i),
+            stats=tracer.item_stats(i) if tracer.stats else {},
             n_steps=tracer.n_steps(),
             latent_hw=latent_hw,
             image_hw=(height, width),
@@ -234,3 +261,28 @@ def generate(
         for i, (p, tok) in enumerate(zip(prompts, tokens))
     ]
     return Generation(images=list(out.images), traces=traces)
+
+
+def _edits_for(interventions: Sequence, layers: list[LayerInfo], tokens: list[PromptTokens]) -> dict[str, LayerEdit]:
+    """Merge the layer edits of all interventions; they must not differ between batch items."""
+    merged: dict[str, LayerEdit] = {}
+    for iv in interventions:
+        per_item = [iv.edits(layers, tok) for tok in tokens]
+        first = per_item[0]
+        for other in per_item[1:]:
+            if first.keys() != other.keys() or any(not _same_edit(first[k], other[k]) for k in first):
+                raise ValueError(
+                    f"intervention {iv.describe()} edits different token positions for the prompts of one batch: "
+                    "generate those prompts separately"
+                )
+        for name, edit in first.items():
+            merged[name] = merged[name].merged(edit) if name in merged else edit
+    return merged
+
+
+def _same_edit(a: LayerEdit, b: LayerEdit) -> bool:
+    def eq(x, y):
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
+    return (eq(a.prob_scale, b.prob_scale) and eq(a.value_scale, b.value_scale) and eq(a.head_scale, b.head_scale)
+            and a.value_steps == b.value_steps)

@@ -1,0 +1,113 @@
+"""Head relevance vector construction (paper 001 sec. 3; paper 002 sec. 2.1.3).
+
+For each generation, one concept-word per concept is sampled (seeded) and encoded on its own by
+the text encoder; its semantic tokens (start/end/padding dropped) are key-projected by each attn2
+layer. At every step and head, the image queries of the conditional rows attend over the
+concatenated semantic tokens of all concepts (softmax over those tokens only); multi-token words
+are averaged over their tokens, the map is averaged over space, and the concept with the largest
+value gets +1 at that head. Finally each concept's vector is scaled to L1 norm = number of heads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..methods.hrv import HeadRelevance
+from ..trace import Tracer, find_cross_attention_layers
+
+
+@torch.no_grad()
+def _concept_embeddings(pipe, words: Sequence[str]) -> list[torch.Tensor]:
+    """Semantic-token text embeddings ``(n_tokens, D)`` of each word, encoded on its own."""
+    out = []
+    for w in words:
+        ids = pipe.tokenizer(w, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        n = len(pipe.tokenizer(w).input_ids)
+        emb = pipe.text_encoder(ids.to(pipe.device))[0][0]
+        out.append(emb[1:n - 1])
+    return out
+
+
+class _HeadVoter:
+    """Observer for one attn2 layer: counts, per head, which concept wins at each call."""
+
+    def __init__(self, keys: torch.Tensor, groups: list[int], n_concepts: int, heads: int) -> None:
+        self.keys = keys  # (H, N', d) key-projected semantic tokens of all concepts
+        self.groups = torch.tensor(groups)  # token -> concept
+        self.n_concepts = n_concepts
+        self.counts = torch.zeros(n_concepts, heads, dtype=torch.long)
+
+    def __call__(self, attn, query, key, value, rows) -> None:
+        q = query[rows].float()  # (B, H, Q, d)
+        probs = (torch.matmul(q, self.keys.transpose(-1, -2)) * attn.scale).softmax(dim=-1)  # (B, H, Q, N')
+        strength = probs.mean(dim=2)  # spatial mean: (B, H, N')
+        per_concept = torch.zeros(strength.shape[0], strength.shape[1], self.n_concepts)
+        per_concept.index_add_(2, self.groups, strength)
+        sizes = torch.bincount(self.groups, minlength=self.n_concepts).clamp(min=1)
+        per_concept = per_concept / sizes  # multi-token words: mean over their tokens
+        winners = per_concept.argmax(dim=-1)  # (B, H)
+        for b in range(winners.shape[0]):
+            self.counts[winners[b], torch.arange(winners.shape[1])] += 1
+
+
+def build_hrv(
+    pipe,
+    concepts: Mapping[str, Sequence[str]],
+    prompts: Sequence[str],
+    *,
+    n_generations: int = 10,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    model_name: str = "",
+    progress: bool = True,
+) -> HeadRelevance:
+    """Construct HRVs for ``concepts`` (name -> concept-words) from ``n_generations`` generations of
+    ``prompts`` (cycled; generation g uses seed ``seed + g``). Deterministic for fixed arguments."""
+    if not concepts or any(not words for words in concepts.values()):
+        raise ValueError("give at least one concept with at least one concept-word")
+    if not prompts:
+        raise ValueError("give at least one prompt to generate from")
+    names = list(concepts)
+    layers = find_cross_attention_layers(pipe.unet)
+    total = {info.name: torch.zeros(len(names), info.heads, dtype=torch.long) for info, _ in layers}
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    height = height or pipe.unet.config.sample_size * scale
+    width = width or pipe.unet.config.sample_size * scale
+    cfg = guidance > 1.0
+    for g in tqdm(range(n_generations), desc="HRV generations", disable=not progress):
+        rng = random.Random(seed + g)
+        words = [rng.choice(list(concepts[c])) for c in names]
+        embs = _concept_embeddings(pipe, words)
+        groups = [ci for ci, e in enumerate(embs) for _ in range(e.shape[0])]
+        stacked = torch.cat(embs, dim=0)
+        voters = {}
+        for info, module in layers:
+            k = module.to_k(stacked.to(module.to_k.weight.dtype))
+            d = k.shape[-1] // module.heads
+            keys = k.view(-1, module.heads, d).transpose(0, 1).float()
+            voters[info.name] = _HeadVoter(keys, groups, len(names), module.heads)
+        gen = torch.Generator(device="cpu").manual_seed(seed + g)
+        with Tracer(pipe.unet, (), n_cond=1, cfg=cfg, observers=voters):
+            pipe(prompts[g % len(prompts)], num_inference_steps=steps, guidance_scale=guidance, height=height,
+                 width=width, generator=gen, output_type="latent")
+        for name, voter in voters.items():
+            total[name] += voter.counts
+    counts = torch.cat([total[info.name] for info, _ in layers], dim=1).double()  # (N, total heads)
+    n_heads = counts.shape[1]
+    sums = counts.sum(dim=1, keepdim=True)
+    vectors = torch.where(sums > 0, counts / sums.clamp(min=1) * n_heads, counts)
+    heads = [n for info, _ in layers for n in info.head_names()]
+    return HeadRelevance(
+        model=model_name,
+        heads=tuple(heads),
+        vectors={c: tuple(float(v) for v in vectors[i]) for i, c in enumerate(names)},
+        words={c: tuple(concepts[c]) for c in names},
+    )
