@@ -203,8 +203,6 @@ def test_hrv_construction_is_deterministic_and_normalized(tiny_pipe, tmp_path):
 
 def test_hrv_counts_match_an_independent_vote(tiny_pipe):
     """One generation, one step: recompute each head's winning concept by hand."""
-    import random
-
     from evalkit.analysis.hrv_build import _concept_embeddings
     from evalkit.trace import find_cross_attention_layers
 
