@@ -113,6 +113,62 @@ def _safe(word: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in word)
 
 
+def cmd_suites(args: argparse.Namespace) -> int:
+    """List the suites under suites/ with their descriptions."""
+    from .suites import list_suites, load_suite
+
+    for name in list_suites():
+        spec = load_suite(name)
+        print(f"{name:<22} {' '.join(spec.description.split())[:90]}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate a suite file (schema, method and metric names, claims)."""
+    from .suites import load_suite
+
+    spec = load_suite(args.suite)
+    print(f"{args.suite}: OK ({len(spec.methods)} methods, {len(spec.metrics)} metrics, {len(spec.expect)} claims)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a suite; exit 0 when every claim holds, 1 when one fails."""
+    from .suites import execute
+
+    overrides: dict = {}
+    if args.model:
+        overrides["model"] = args.model
+    if args.device:
+        overrides["device"] = args.device
+    result, _ = execute(args.suite, overrides=overrides or None, limit=args.limit, cache_dir=args.cache_dir,
+                        reports_dir=args.reports_dir, tracking=not args.no_mlflow, tracking_uri=args.tracking_uri,
+                        methods=_split(args.methods) or None, progress=not args.quiet)
+    return 0 if result.passed else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print a written report (a report folder or its report.md)."""
+    path = Path(args.run)
+    md = path / "report.md" if path.is_dir() else path
+    if not md.is_file():
+        raise FileNotFoundError(f"no report at {path}: pass a folder under reports/<suite>/<timestamp>/")
+    print(md.read_text())
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the MLflow UI on 127.0.0.1 against the tracking store."""
+    import subprocess
+
+    from .tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                            "--port", str(args.port)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``evalkit`` argument parser."""
     parser = argparse.ArgumentParser(prog="evalkit", description=__doc__)
@@ -139,6 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than 77 tokens (with a warning)")
     p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("suites", help="list the suites")
+    p.set_defaults(func=cmd_suites)
+    p = sub.add_parser("validate", help="validate a suite file")
+    p.add_argument("suite")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("run", help="run a suite: table, claims, MLflow, report")
+    p.add_argument("suite", help="suite name under suites/ or a YAML path")
+    p.add_argument("--model", default=None, help="override the suite's model (built-in, folder or hub id)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N data items")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the suite's methods")
+    p.add_argument("--cache-dir", default=".cache/evalkit")
+    p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help="print a written report")
+    p.add_argument("run", help="a reports/<suite>/<timestamp> folder")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

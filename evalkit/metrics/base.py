@@ -1,0 +1,238 @@
+"""The metric API every suite and method shares: :class:`Metric` (update one sample, compute, reset)
+and :class:`MetricResult` (value, 95% CI, counts, the reduction used, per-sample values).
+
+Why an explicit reduction: a dataset-level IoU can be the mean of per-sample IoUs or the ratio of
+pooled intersections to pooled unions, and the two differ (one large object dominates the pooled
+number). Every metric therefore declares the reduction it uses, and every result records it.
+
+Why NaN samples are counted, not dropped silently: an undefined sample (for example an empty
+ground-truth mask) carries no evidence either way, so it is left out of the mean, but how many were
+left out is part of the result (``n_excluded``) so a suite can flag a broken dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+PER_SAMPLE = "per-sample"
+POOLED = "pooled"
+REDUCTIONS = (PER_SAMPLE, POOLED)
+DIRECTIONS = ("higher", "lower")
+CATEGORIES = ("grounding", "map-statistics", "adherence", "image-quality")
+
+#: Percentile-bootstrap settings for pooled metrics (fixed seed: results are reproducible).
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+class MetricUnavailableError(RuntimeError):
+    """A metric cannot run in this configuration (e.g. no weights configured); the message says how to fix it."""
+
+
+@dataclass
+class MetricResult:
+    """What :meth:`Metric.compute` returns; plain data, ready to log as JSON via :meth:`to_dict`.
+
+    ``value`` is the reduced number (NaN when no sample was valid); ``ci95`` the 95% confidence
+    interval ``(low, high)`` or None (fewer than two valid samples); ``n`` the number of valid samples
+    that entered ``value``; ``n_excluded`` the number of samples whose value was NaN (undefined) and
+    were left out; ``per_sample`` every sample's value in update order, NaNs included. ``params`` are
+    the metric's parameters, ``extra`` metric-specific details (e.g. the threshold chosen).
+    """
+
+    name: str
+    value: float
+    ci95: tuple[float, float] | None
+    n: int
+    n_excluded: int
+    direction: str
+    reduction: str
+    category: str = ""
+    per_sample: list[float] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``name`` plus its parameters, e.g. ``miou80[tau=0.4]``: a unique column name for tables."""
+        if not self.params:
+            return self.name
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}[{inner}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN stays float NaN; tuples become lists)."""
+        d = asdict(self)
+        d["ci95"] = list(self.ci95) if self.ci95 is not None else None
+        d["label"] = self.label
+        return d
+
+    def __str__(self) -> str:
+        ci = f" [{self.ci95[0]:.4f}, {self.ci95[1]:.4f}]" if self.ci95 else ""
+        arrow = "↑" if self.direction == "higher" else "↓"
+        return f"{self.label} {arrow} = {self.value:.4f}{ci} (n={self.n}, excluded={self.n_excluded}, {self.reduction})"
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
+    """Mean of the finite ``values`` and its two-sided 95% Student-t confidence interval.
+
+    CI = mean ± t(0.975, n-1) · s / sqrt(n), with s the sample standard deviation (ddof=1). None for
+    n < 2. (DAAM's own evaluator prints 1.96 · population std / sqrt(n); the t-interval is slightly
+    wider for small n and equal in the limit.) Non-finite values are ignored.
+    """
+    x = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return math.nan, None
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, None
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, (mean - half, mean + half)
+
+
+def pooled_ci95(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, tuple[float, float] | None]:
+    """Pooled ratio ``sum(num) / sum(den)`` and its 95% percentile-bootstrap CI over samples.
+
+    Samples (pairs ``(num_i, den_i)``) are resampled with replacement ``n_resamples`` times with a
+    fixed-seed numpy generator; the CI is the 2.5th and 97.5th percentile of the resampled ratios
+    (resamples whose denominator sums to 0 are dropped). None for fewer than two samples.
+    """
+    num = np.asarray(numerators, dtype=np.float64)
+    den = np.asarray(denominators, dtype=np.float64)
+    if num.size == 0 or den.sum() == 0:
+        return math.nan, None
+    value = float(num.sum() / den.sum())
+    if num.size < 2:
+        return value, None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, num.size, size=(n_resamples, num.size))
+    d = den[idx].sum(1)
+    ok = d > 0
+    ratios = num[idx].sum(1)[ok] / d[ok]
+    if ratios.size == 0:
+        return value, None
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return value, (float(low), float(high))
+
+
+class Metric:
+    """Base class of evalkit metrics, in the torchmetrics style: ``update`` per sample, ``compute``, ``reset``.
+
+    Subclasses set the class attributes below (``name`` is set by
+    :func:`~evalkit.metrics.register_metric`) and implement ``update(...)``, which computes one
+    sample's value and records it with :meth:`_record`; :meth:`compute` does the reduction.
+
+    - ``direction``: "higher" or "lower" is better.
+    - ``category``: "grounding", "map-statistics", "adherence" or "image-quality".
+    - ``reduction``: the default reduction; "per-sample" (one value per sample, then the mean with a
+      Student-t 95% CI, see :func:`mean_ci95`) or "pooled" (ratio of summed numerators and
+      denominators over the dataset, with a fixed-seed percentile-bootstrap 95% CI, see
+      :func:`pooled_ci95`). ``reductions`` lists what a metric supports; pass ``reduction=`` to choose.
+    - ``summary`` (one line) and ``source`` (paper or reference) feed :func:`available_metrics`.
+
+    A sample whose value is NaN (undefined, e.g. an empty ground-truth mask) is kept in
+    ``per_sample`` but excluded from the value and counted in ``n_excluded``.
+    """
+
+    name: ClassVar[str] = ""
+    direction: ClassVar[str] = "higher"
+    category: ClassVar[str] = ""
+    reduction: str = PER_SAMPLE
+    reductions: ClassVar[tuple[str, ...]] = (PER_SAMPLE,)
+    summary: ClassVar[str] = ""
+    source: ClassVar[str] = ""
+
+    def __init__(self, reduction: str | None = None) -> None:
+        if reduction is not None:
+            if reduction not in self.reductions:
+                raise ValueError(
+                    f"metric {self.name!r} supports reduction(s) {list(self.reductions)}, got {reduction!r}"
+                )
+            self.reduction = reduction
+        self._values: list[float] = []
+        self._nums: list[float] = []
+        self._dens: list[float] = []
+        self._extra: dict[str, Any] = {}
+
+    # -- subclass API -------------------------------------------------------------------------
+    def update(self, *args: Any, **kwargs: Any) -> float:
+        """Score one sample, record it, and return its value (NaN if undefined)."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """The metric's parameters (logged with every result)."""
+        return {}
+
+    def unavailable_reason(self) -> str | None:
+        """Why this metric cannot run as configured (a suite skips it with this message), or None."""
+        return None
+
+    def _record(self, value: float, numerator: float | None = None, denominator: float | None = None) -> float:
+        """Store one sample's value and, for pooled metrics, its numerator and denominator."""
+        value = float(value)
+        self._values.append(value)
+        if self.reduction == POOLED:
+            if numerator is None or denominator is None:
+                raise TypeError(f"metric {self.name!r} is pooled but recorded a sample without numerator/denominator")
+            if math.isfinite(value):
+                self._nums.append(float(numerator))
+                self._dens.append(float(denominator))
+        return value
+
+    # -- public API ---------------------------------------------------------------------------
+    def compute(self) -> MetricResult:
+        """Reduce the recorded samples to a :class:`MetricResult` (does not reset)."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise MetricUnavailableError(f"metric {self.name!r} is unavailable: {reason}")
+        finite = [v for v in self._values if math.isfinite(v)]
+        params = self.params()
+        if self.reduction != type(self).reduction:  # a non-default reduction is part of the label
+            params["reduction"] = self.reduction
+        if self.reduction == POOLED:
+            value, ci = pooled_ci95(self._nums, self._dens)
+        else:
+            value, ci = mean_ci95(finite)
+        return MetricResult(
+            name=self.name,
+            value=value,
+            ci95=ci,
+            n=len(finite),
+            n_excluded=len(self._values) - len(finite),
+            direction=self.direction,
+            reduction=self.reduction,
+            category=self.category,
+            per_sample=list(self._values),
+            params=params,
+            extra=self._compute_extra(),
+        )
+
+    def _compute_extra(self) -> dict[str, Any]:
+        """Metric-specific details for :attr:`MetricResult.extra` (override to add more)."""
+        return dict(self._extra)
+
+    def reset(self) -> None:
+        """Forget every recorded sample."""
+        self._values.clear()
+        self._nums.clear()
+        self._dens.clear()
+        self._extra.clear()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({params}) <{self.name}, {self.direction}, {self.reduction}, n={len(self)}>"

@@ -1,0 +1,450 @@
+"""Grounding metrics: does a word's attribution map land on the word's ground-truth mask?
+
+Binary (thresholded) maps: IoU at a threshold, DAAM's mIoU80 and mIoU-inf (paper 003, sec. 3.1),
+and the best-over-thresholds reading of paper 000. Continuous maps (XAI localization literature):
+pointing game, relevance mass, relevance rank accuracy and top-k intersection.
+
+A sample is one (map, mask) pair, i.e. one word of one image. All functions take (H, W) torch
+tensors or numpy arrays of the same shape; a shape mismatch is a ValueError saying how to resize.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._inputs import as_map, as_mask, check_normalize, check_same_shape, minmax, prepare
+from .base import PER_SAMPLE, POOLED, Metric, MetricResult, mean_ci95
+from .coco import MATCH_RULES, coco_class
+from .masks import iou_counts
+from .registry import register_metric
+
+#: DAAM's thresholds (paper 003, sec. 3.1: tau in {0.3, 0.4, 0.5}; 0.4 was best on every split).
+DEFAULT_TAUS: tuple[float, ...] = (0.3, 0.4, 0.5)
+DEFAULT_TAU = 0.4
+#: Pointing-game tolerance of Zhang et al. (2016, "Top-down neural attention by excitation backprop").
+DEFAULT_TOLERANCE_PX = 15
+
+Binarizer = Callable[[np.ndarray, float], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Binarization
+# ---------------------------------------------------------------------------------------------
+def binarize_daam(heat: Any, tau: float) -> np.ndarray:
+    """DAAM's rule (its code and :meth:`evalkit.methods.Attribution.binarize`): min-max normalize with
+    a 1e-8 guard, then ``> tau``. A constant (e.g. all-zero) map gives an empty mask.
+
+    (Paper 003's Eq. 7 writes ``D >= tau * max D`` without subtracting the minimum; evalkit follows
+    the released code, which the ``daam`` method reproduces numerically.)
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"threshold tau={tau} must lie in [0, 1]")
+    return minmax(as_map(heat)) > tau
+
+
+BINARIZERS: dict[str, Binarizer] = {"daam": binarize_daam}
+
+
+def _binarizer(binarize: str | Binarizer) -> Binarizer:
+    if callable(binarize):
+        return binarize
+    if binarize not in BINARIZERS:
+        raise ValueError(f"unknown binarization rule {binarize!r}; known: {sorted(BINARIZERS)} or a callable")
+    return BINARIZERS[binarize]
+
+
+def _predicted_mask(heat: Any, tau: float, binarize: Binarizer) -> np.ndarray:
+    """A bool map is taken as already binarized (by the method's own rule); a float map is binarized."""
+    if getattr(heat, "dtype", None) is not None and str(heat.dtype) in ("bool", "torch.bool"):
+        return as_mask(heat, "predicted mask")
+    return np.asarray(binarize(as_map(heat), tau), dtype=bool)
+
+
+def _map_and_mask(heat: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    h = as_map(heat)
+    m = as_mask(mask, "ground-truth mask")
+    check_same_shape(h, m)
+    return h, m
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous-map localization functions
+# ---------------------------------------------------------------------------------------------
+def pointing_game(heat: Any, mask: Any, tolerance_px: float = DEFAULT_TOLERANCE_PX) -> float:
+    """Pointing game (Zhang et al. 2016): 1 if the map's maximum lies within ``tolerance_px`` pixels
+    (Euclidean) of the mask, else 0. NaN for an empty mask.
+
+    Ties: if several pixels share the maximum (a constant or all-zero map ties everywhere), the value
+    is the fraction of tied maxima that hit, i.e. the expected hit under uniform random tie-breaking;
+    an all-zero map therefore scores the chance level of its (dilated) mask area, not a hit.
+    """
+    h, m = _map_and_mask(heat, mask)
+    if not m.any():
+        return math.nan
+    peaks = h == h.max()
+    if tolerance_px > 0:
+        from scipy.ndimage import distance_transform_edt
+
+        near = distance_transform_edt(~m) <= tolerance_px
+    else:
+        near = m
+    return float(np.count_nonzero(peaks & near) / np.count_nonzero(peaks))
+
+
+def relevance_mass(heat: Any, mask: Any, normalize: str = "none") -> float:
+    """Relevance mass accuracy (Arras et al. 2022, CLEVR-XAI): the share of the map's (non-negative)
+    mass inside the mask, ``sum(heat * mask) / sum(heat)``, in [0, 1]. NaN for an empty mask.
+
+    Negative values are clipped to 0 (relevance is mass). ``normalize="minmax"`` first min-max
+    normalizes the map, removing the additive floor that attention maps carry. An all-zero map has
+    no preferred location and is treated as uniform: its value is ``|mask| / (H * W)`` (chance).
+    """
+    h, m = _map_and_mask(heat, mask)
+    if not m.any():
+        return math.nan
+    p = prepare(h, check_normalize(normalize))
+    total = p.sum()
+    if total == 0:
+        return float(m.mean())
+    return float(p[m].sum() / total)
+
+
+def _expected_topk_hits(h: np.ndarray, m: np.ndarray, k: int) -> float:
+    """Expected number of mask pixels among the ``k`` highest-valued pixels, ties broken uniformly at random."""
+    flat, hits = h.ravel(), m.ravel()
+    kth = np.partition(flat, flat.size - k)[flat.size - k]  # the k-th largest value
+    above = flat > kth
+    tied = flat == kth
+    n_above = int(np.count_nonzero(above))
+    return float(
+        np.count_nonzero(above & hits) + (k - n_above) * np.count_nonzero(tied & hits) / np.count_nonzero(tied)
+    )
+
+
+def relevance_rank(heat: Any, mask: Any) -> float:
+    """Relevance rank accuracy (Arras et al. 2022): with K = |mask|, the share of the K highest-valued
+    pixels that lie in the mask, in [0, 1]. NaN for an empty mask. Ties at the K-th value count
+    fractionally (expected value under random tie-breaking), so a constant map scores K / (H * W).
+    """
+    h, m = _map_and_mask(heat, mask)
+    k = int(np.count_nonzero(m))
+    if k == 0:
+        return math.nan
+    return _expected_topk_hits(h, m, k) / k
+
+
+def top_k_intersection(heat: Any, mask: Any, k: int | float = 0.05) -> float:
+    """Top-k intersection (Theiner et al. 2022; Quantus ``TopKIntersection``): the share of the ``k``
+    highest-valued pixels that lie in the mask, in [0, 1]. ``k`` is a pixel count (int) or a fraction
+    of the image (float in (0, 1]). NaN for an empty mask; ties count fractionally as in
+    :func:`relevance_rank`.
+    """
+    h, m = _map_and_mask(heat, mask)
+    if not m.any():
+        return math.nan
+    kk = _k_pixels(k, h.size)
+    return _expected_topk_hits(h, m, kk) / kk
+
+
+def _k_pixels(k: int | float, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | float):
+        raise TypeError(f"k must be an int (pixels) or a float fraction, got {k!r}")
+    if isinstance(k, float):
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"k as a fraction must lie in (0, 1], got {k}")
+        return max(1, round(k * n))
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} pixels must lie in [1, {n}] (the map's pixel count)")
+    return k
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric classes
+# ---------------------------------------------------------------------------------------------
+class _ThresholdIoU(Metric):
+    """Shared machinery: binarize a map at ``tau``, IoU against the mask, optional COCO restriction."""
+
+    category = "grounding"
+    direction = "higher"
+    vocabulary = "all"  # "all" or "coco80"
+
+    match = "exact"
+
+    def __init__(
+        self, tau: float = DEFAULT_TAU, binarize: str | Binarizer = "daam", reduction: str | None = None
+    ) -> None:
+        super().__init__(reduction)
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"threshold tau={tau} must lie in [0, 1]")
+        self.tau = float(tau)
+        self.binarize = binarize
+        self._binarize = _binarizer(binarize)
+        self._skipped_words: list[str] = []
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"tau": self.tau}
+        if not isinstance(self.binarize, str) or self.binarize != "daam":
+            p["binarize"] = getattr(self.binarize, "__name__", repr(self.binarize))
+        if self.vocabulary == "coco80":
+            p["match"] = self.match
+        return p
+
+    def _in_vocabulary(self, word: str | None) -> bool:
+        if self.vocabulary == "all":
+            return True
+        if word is None:
+            raise ValueError(f"metric {self.name!r} restricts to COCO classes: pass word=... with each sample")
+        if coco_class(word, self.match) is None:
+            self._skipped_words.append(word)
+            return False
+        return True
+
+    def update(self, heat: Any, mask: Any, word: str | None = None) -> float:
+        """Score one (map, mask) pair: ``heat`` is a float map (binarized here at ``tau``) or a bool
+        mask already binarized by the method; ``mask`` the ground truth (array or COCO RLE).
+        Returns the IoU, NaN for an empty ground-truth mask (excluded and counted), or NaN without
+        recording anything when ``word`` is outside the vocabulary (counted in ``extra``)."""
+        if not self._in_vocabulary(word):
+            return math.nan
+        g = as_mask(mask, "ground-truth mask")
+        p = _predicted_mask(heat, self.tau, self._binarize)
+        check_same_shape(p, g)
+        inter, union = iou_counts(p, g)
+        if not g.any():
+            return self._record(math.nan, 0, 0)
+        return self._record(inter / union, inter, union)
+
+    def _compute_extra(self) -> dict[str, Any]:
+        extra = super()._compute_extra()
+        if self.vocabulary == "coco80":
+            extra["n_not_coco"] = len(self._skipped_words)
+            extra["not_coco_words"] = sorted(set(self._skipped_words))
+        return extra
+
+    def reset(self) -> None:
+        super().reset()
+        self._skipped_words.clear()
+
+
+@register_metric("iou")
+class IoU(_ThresholdIoU):
+    """IoU of the map binarized at ``tau`` against the mask, over all words.
+
+    ``reduction="per-sample"`` (default): mean of per-pair IoUs, with a t-interval CI.
+    ``reduction="pooled"``: sum of intersections / sum of unions over all pairs (cumulative IoU),
+    with a bootstrap CI; large objects weigh more, so it is usually higher than the per-pair mean.
+    """
+
+    reductions = (PER_SAMPLE, POOLED)
+    summary = "IoU of the tau-binarized map vs the mask (per-pair mean, or pooled sum I / sum U)"
+    source = "paper 003 sec. 3.1 (binarization Eq. 7 / daam code)"
+
+
+@register_metric("miou80")
+class MIoU80(_ThresholdIoU):
+    """DAAM's mIoU80 (paper 003, sec. 3.1): the mean over (prediction, ground-truth mask) pairs of
+    the IoU at one threshold ``tau``, restricted to pairs whose word names one of the 80 COCO
+    classes (rule ``match``, default exact as DAAM's evaluator). Other words are skipped, not scored,
+    and reported in ``extra["n_not_coco"]``. DAAM reports one number per tau (DAAM-0.3/0.4/0.5)."""
+
+    vocabulary = "coco80"
+    summary = "DAAM mIoU80: mean per-pair IoU at tau over words naming a COCO class"
+    source = "paper 003 sec. 3.1, Table 1"
+
+    def __init__(self, tau: float = DEFAULT_TAU, binarize: str | Binarizer = "daam", match: str = "exact") -> None:
+        super().__init__(tau, binarize)
+        if match not in MATCH_RULES:
+            raise ValueError(f"match must be one of {MATCH_RULES}, got {match!r}")
+        self.match = match
+
+
+@register_metric("miou-inf")
+class MIoUInf(_ThresholdIoU):
+    """DAAM's mIoU-inf (paper 003, sec. 3.1): the mean per-pair IoU at ``tau`` without the class
+    restriction (every ground-truth noun). Not a best-over-thresholds number: see ``miou-best-tau``."""
+
+    summary = "DAAM mIoU-inf: mean per-pair IoU at tau over all words (no class restriction)"
+    source = "paper 003 sec. 3.1, Table 1"
+
+    def __init__(self, tau: float = DEFAULT_TAU, binarize: str | Binarizer = "daam") -> None:
+        super().__init__(tau, binarize)
+
+
+@register_metric("miou-best-tau")
+class MIoUBestTau(Metric):
+    """Best over thresholds, paper 000's reading of its Table 1 ("the best IoU across thresholds (an
+    upper envelope)"). Kept apart from ``miou-inf`` because DAAM defines mIoU-inf differently.
+
+    ``select="per-sample"`` (default, the upper envelope): each pair scores ``max_tau IoU_tau`` and the
+    value is their mean. ``select="dataset"``: the single ``tau`` with the highest mean IoU is chosen
+    for the whole dataset (reported in ``extra["best_tau"]``, every tau's mean in ``extra["per_tau"]``);
+    its per-pair IoUs give the CI, ignoring the selection. Per-sample >= dataset always.
+    ``vocabulary="coco80"`` restricts words as ``miou80`` does.
+    """
+
+    category = "grounding"
+    direction = "higher"
+    summary = "best IoU over thresholds (per-pair max, or best single tau for the dataset)"
+    source = "paper 000 sec. 4.1, Table 1"
+
+    def __init__(
+        self,
+        taus: Sequence[float] = DEFAULT_TAUS,
+        select: str = "per-sample",
+        vocabulary: str = "all",
+        match: str = "exact",
+        binarize: str | Binarizer = "daam",
+    ) -> None:
+        super().__init__()
+        if select not in ("per-sample", "dataset"):
+            raise ValueError(f"select must be 'per-sample' or 'dataset', got {select!r}")
+        if vocabulary not in ("all", "coco80"):
+            raise ValueError(f"vocabulary must be 'all' or 'coco80', got {vocabulary!r}")
+        if match not in MATCH_RULES:
+            raise ValueError(f"match must be one of {MATCH_RULES}, got {match!r}")
+        self.taus = tuple(float(t) for t in taus)
+        if not self.taus or not all(0.0 <= t <= 1.0 for t in self.taus):
+            raise ValueError(f"taus must be a non-empty sequence in [0, 1], got {taus!r}")
+        self.select = select
+        self.vocabulary = vocabulary
+        self.match = match
+        self.binarize = binarize
+        self._binarize = _binarizer(binarize)
+        self._per_tau: list[list[float]] = []
+        self._n_not_coco = 0
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"taus": list(self.taus), "select": self.select, "vocabulary": self.vocabulary}
+        if self.vocabulary == "coco80":
+            p["match"] = self.match
+        return p
+
+    def update(self, heat: Any, mask: Any, word: str | None = None) -> float:
+        """Score one (continuous map, mask) pair at every tau; returns the best IoU (NaN for an empty mask)."""
+        if self.vocabulary == "coco80":
+            if word is None:
+                raise ValueError("vocabulary='coco80' needs word=... with each sample")
+            if coco_class(word, self.match) is None:
+                self._n_not_coco += 1
+                return math.nan
+        g = as_mask(mask, "ground-truth mask")
+        ious = []
+        for tau in self.taus:
+            p = _predicted_mask(heat, tau, self._binarize)
+            check_same_shape(p, g)
+            inter, union = iou_counts(p, g)
+            ious.append(inter / union if g.any() else math.nan)
+        self._per_tau.append(ious)
+        return self._record(max(ious) if g.any() else math.nan)
+
+    def compute(self) -> MetricResult:
+        """As :meth:`Metric.compute`; with ``select="dataset"`` the value is the best single tau's mean."""
+        result = super().compute()
+        if self.select == "dataset" and self._per_tau:
+            table = np.asarray(self._per_tau, dtype=np.float64)  # (samples, taus)
+            means = [mean_ci95(table[:, j].tolist())[0] for j in range(len(self.taus))]
+            best = int(np.nanargmax(means)) if not all(math.isnan(v) for v in means) else 0
+            column = table[:, best].tolist()
+            result.value, result.ci95 = mean_ci95(column)
+            result.per_sample = column
+            result.extra["best_tau"] = self.taus[best]
+            result.extra["per_tau"] = dict(zip(self.taus, means))
+        if self.vocabulary == "coco80":
+            result.extra["n_not_coco"] = self._n_not_coco
+        return result
+
+    def reset(self) -> None:
+        super().reset()
+        self._per_tau.clear()
+        self._n_not_coco = 0
+
+
+class _ContinuousLocalization(Metric):
+    """Shared machinery of the continuous-map metrics: one function of (heat, mask) per sample."""
+
+    category = "grounding"
+    direction = "higher"
+
+    def _score(self, heat: Any, mask: Any) -> float:
+        raise NotImplementedError
+
+    def update(self, heat: Any, mask: Any, word: str | None = None) -> float:
+        """Score one (continuous map, mask) pair; NaN for an empty mask (excluded and counted)."""
+        return self._record(self._score(heat, mask))
+
+
+@register_metric("pointing-game")
+class PointingGame(_ContinuousLocalization):
+    """Hit rate of the map's maximum on the mask within ``tolerance_px`` (see :func:`pointing_game`)."""
+
+    summary = "pointing game: does the map's maximum fall on the mask (within tolerance_px)"
+    source = "Zhang et al. 2016 (excitation backprop)"
+
+    def __init__(self, tolerance_px: float = DEFAULT_TOLERANCE_PX) -> None:
+        super().__init__()
+        if tolerance_px < 0:
+            raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}")
+        self.tolerance_px = tolerance_px
+
+    def params(self) -> dict[str, Any]:
+        return {"tolerance_px": self.tolerance_px}
+
+    def _score(self, heat: Any, mask: Any) -> float:
+        return pointing_game(heat, mask, self.tolerance_px)
+
+
+@register_metric("relevance-mass")
+class RelevanceMass(_ContinuousLocalization):
+    """Share of the map's mass inside the mask (see :func:`relevance_mass`).
+
+    Default ``normalize="minmax"``: cross-attention maps carry a method-specific additive floor
+    (softmax spreads mass over all tokens), so raw mass mostly measures the floor; min-max
+    normalization (evalkit's view of a map, as in ``Attribution.normalized``) makes methods comparable.
+    """
+
+    summary = "relevance mass: share of the (min-max normalized) map's mass inside the mask"
+    source = "Arras et al. 2022 (CLEVR-XAI)"
+
+    def __init__(self, normalize: str = "minmax") -> None:
+        super().__init__()
+        self.normalize = check_normalize(normalize)
+
+    def params(self) -> dict[str, Any]:
+        return {"normalize": self.normalize}
+
+    def _score(self, heat: Any, mask: Any) -> float:
+        return relevance_mass(heat, mask, self.normalize)
+
+
+@register_metric("relevance-rank")
+class RelevanceRank(_ContinuousLocalization):
+    """Share of the |mask| highest-valued pixels inside the mask (see :func:`relevance_rank`)."""
+
+    summary = "relevance rank accuracy: share of the top-|mask| pixels inside the mask"
+    source = "Arras et al. 2022 (CLEVR-XAI)"
+
+    def _score(self, heat: Any, mask: Any) -> float:
+        return relevance_rank(heat, mask)
+
+
+@register_metric("top-k-intersection")
+class TopKIntersection(_ContinuousLocalization):
+    """Share of the top-``k`` pixels inside the mask (see :func:`top_k_intersection`)."""
+
+    summary = "top-k intersection: share of the k highest-valued pixels inside the mask"
+    source = "Theiner et al. 2022; Quantus TopKIntersection"
+
+    def __init__(self, k: int | float = 0.05) -> None:
+        super().__init__()
+        _k_pixels(k, 10**12)  # validate early
+        self.k = k
+
+    def params(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+    def _score(self, heat: Any, mask: Any) -> float:
+        return top_k_intersection(heat, mask, self.k)

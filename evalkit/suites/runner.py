@@ -1,0 +1,232 @@
+"""Run a suite: expand it into cases, generate and trace each (prompt, seed) once, compute every
+method and metric from that one trace, cache each case atomically, reduce, and judge the claims."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..methods import Attribution, create_method
+from ..metrics import MetricResult, create_metric
+from .cache import CaseCache, content_key, read_json
+from .claims import ClaimOutcome, evaluate, parse_claim
+from .data import EvalItem, load_items
+from .schema import SuiteSpec
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def code_version() -> str:
+    """evalkit's version plus a hash of the code that shapes a case's outputs."""
+    h = hashlib.sha256(__version__.encode())
+    for sub in ("trace", "methods", "interventions", "models"):
+        for f in sorted((PACKAGE / sub).glob("*.py")):
+            h.update(f.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def model_fingerprint(model: str) -> str:
+    """A model id plus, for local folders, a hash of its configs and weight-file sizes."""
+    from ..models import BUILTIN_MODELS
+
+    path = Path(BUILTIN_MODELS.get(model, model))
+    if not path.is_dir():
+        return model
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+    return f"{model}@{h.hexdigest()[:12]}"
+
+
+@dataclass
+class Case:
+    """One generation: an item at one seed."""
+
+    item: EvalItem
+    seed: int
+    key: str = ""
+
+
+@dataclass
+class SuiteResult:
+    """Everything a suite run produced."""
+
+    spec: SuiteSpec
+    results: dict[tuple[str, str], MetricResult]
+    claims: list[ClaimOutcome]
+    cases: list[Case]
+    case_dirs: list[Path]
+    n_computed: int
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.claims)
+
+
+def _cases(spec: SuiteSpec, items: list[EvalItem]) -> list[Case]:
+    seeds = spec.seeds
+    return [Case(item, s) for item in items for s in (seeds if seeds is not None else [item.seed])]
+
+
+def run_suite(
+    spec: SuiteSpec,
+    *,
+    cache_dir: str | Path = ".cache/evalkit",
+    limit: int | None = None,
+    progress: bool = True,
+    pipe=None,
+) -> SuiteResult:
+    """Run ``spec``; cases already in the cache are read back, not recomputed."""
+    items = load_items(spec.data, limit)
+    cases = _cases(spec, items)
+    methods = {m.label: create_method(m.name, **m.params) for m in spec.methods}
+    stats = sorted(set().union(*(m.needs for m in methods.values())))
+    base = {
+        "model": model_fingerprint(spec.model),
+        "dtype": spec.dtype,
+        "sampler": spec.sampler.model_dump(),
+        "stats": stats,
+        "methods": {m.label: {"name": m.name, "params": methods[m.label].params()} for m in spec.methods},
+        "code": code_version(),
+    }
+    cache = CaseCache(cache_dir)
+    for case in cases:
+        case.key = content_key({**base, "prompt": case.item.prompt, "seed": case.seed,
+                                "words": case.item.words})
+    todo = [c for c in cases if cache.load(c.key) is None]
+    if todo and pipe is None:
+        from ..models import load
+
+        pipe = load(spec.model, scheduler=spec.sampler.scheduler, dtype=spec.dtype, device=spec.device)
+    n_computed = 0
+    with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
+        bar.update(len(cases) - len(todo))
+        for case in todo:
+            _compute_case(pipe, spec, case, methods, stats, cache)
+            n_computed += 1
+            bar.update(1)
+    dirs = [cache.path(c.key) for c in cases]
+    results, samples = _score(spec, cases, dirs)
+    labels = {"methods": [m.label for m in spec.methods], "metrics": [m.label for m in spec.metrics]}
+    values = {k: r.value for k, r in results.items()}
+    claims = [evaluate(parse_claim(text, labels), values) for text in spec.expect]
+    return SuiteResult(spec, results, claims, cases, dirs, n_computed, samples)
+
+
+def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict, stats: list[str], cache: CaseCache) -> None:
+    from ..trace import generate
+
+    s = spec.sampler
+    gen = generate(pipe, case.item.prompt, seeds=case.seed, steps=s.steps, guidance=s.guidance, height=s.height,
+                   width=s.width, stats=stats)
+    trace = gen.traces[0]
+    maps: dict[str, np.ndarray] = {}
+    for label, method in methods.items():
+        att: Attribution = method.attribute(trace, case.item.words)
+        for word, m in att.maps.items():
+            maps[f"{label}/{word}"] = m.numpy().astype(np.float32)
+    upsample = {label: m.upsample for label, m in methods.items()}
+    meta = {"prompt": case.item.prompt, "seed": case.seed, "item": case.item.id, "words": case.item.words,
+            "tokens": list(trace.tokens.pieces), "image_hw": list(trace.image_hw), "upsample": upsample,
+            "n_unet_calls": trace.n_steps}
+    masks = {w: m.astype(np.uint8) for w, m in case.item.masks.items()}
+    cache.store(case.key, {"image.png": gen.images[0], "maps.npz": maps, "masks.npz": masks, "case.json": meta})
+
+
+def load_case_attribution(case_dir: Path, method: str) -> Attribution:
+    """Rebuild a method's :class:`Attribution` of one cached case."""
+    meta = read_json(case_dir / "case.json")
+    with np.load(case_dir / "maps.npz") as z:
+        maps = {k.split("/", 1)[1]: torch.from_numpy(z[k]) for k in z.files if k.split("/", 1)[0] == method}
+    return Attribution(method=method, prompt=meta["prompt"], tokens=meta["tokens"], maps=maps,
+                       image_hw=tuple(meta["image_hw"]), upsample=meta["upsample"][method])
+
+
+def _score(spec: SuiteSpec, cases: list[Case], dirs: list[Path]):
+    """Metric values per (method, metric) from the cached maps and masks."""
+    metrics = {(m.label, k.label): create_metric(k.name, **k.params) for m in spec.methods for k in spec.metrics}
+    samples: list[dict] = []
+    for case, d in zip(cases, dirs):
+        with np.load(d / "masks.npz") as z:
+            masks = {w: z[w].astype(bool) for w in z.files}
+        for m in spec.methods:
+            att = load_case_attribution(d, m.label)
+            for word, mask in masks.items():
+                heat = att.to_image(mask.shape)[word].numpy()
+                row = {"case": case.item.id, "seed": case.seed, "prompt": case.item.prompt, "method": m.label,
+                       "word": word}
+                for k in spec.metrics:
+                    v = _update(metrics[(m.label, k.label)], heat, mask, word)
+                    row[k.label] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+                samples.append(row)
+    results = {key: metric.compute() for key, metric in metrics.items()}
+    return results, samples
+
+
+def _update(metric, heat: np.ndarray, mask: np.ndarray, word: str) -> float:
+    """Feed one (map, mask, word) sample to a metric, passing only what its ``update`` takes."""
+    import inspect
+
+    params = inspect.signature(metric.update).parameters
+    kwargs = {}
+    if "mask" in params:
+        kwargs["mask"] = mask
+    if "word" in params:
+        kwargs["word"] = word
+    if "heat" not in params:
+        raise ValueError(f"metric {metric.name!r} does not score single attribution maps; "
+                         "it belongs to another suite protocol")
+    return metric.update(heat, **kwargs)
+
+
+def result_rows(result: SuiteResult) -> list[dict]:
+    """The result table as rows: method, metric, direction, value, CI95, n, excluded."""
+    rows = []
+    for (method, metric), r in result.results.items():
+        rows.append({"method": method, "metric": metric, "direction": r.direction, "value": r.value,
+                     "ci95_low": r.ci95[0] if r.ci95 else None, "ci95_high": r.ci95[1] if r.ci95 else None,
+                     "n": r.n, "excluded": r.n_excluded, "reduction": r.reduction})
+    return rows
+
+
+def save_image_grid(result: SuiteResult, path: Path, max_cases: int = 4) -> Path:
+    """Heat-map overlays of the first cases for every method (one figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(zip(result.cases, result.case_dirs))[:max_cases]
+    methods = [m.label for m in result.spec.methods]
+    fig, axes = plt.subplots(len(cases), len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.2 * len(cases)),
+                             squeeze=False)
+    for i, (case, d) in enumerate(cases):
+        image = Image.open(d / "image.png").convert("RGB")
+        word = case.item.words[0]
+        axes[i][0].imshow(image)
+        axes[i][0].set_title(case.item.prompt[:28], fontsize=6)
+        for j, m in enumerate(methods):
+            load_case_attribution(d, m).overlay(image, word, ax=axes[i][j + 1])
+            axes[i][j + 1].set_title(f"{m}: {word}", fontsize=7)
+        for ax in axes[i]:
+            ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def dump_json(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))

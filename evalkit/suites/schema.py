@@ -1,0 +1,99 @@
+"""The suite file schema (pydantic): what a YAML suite may say, with defaults and validation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplerSpec(_Strict):
+    """How images are generated: scheduler, steps, guidance and size (None: the model's default)."""
+
+    scheduler: str | None = None
+    steps: int = Field(20, ge=1)
+    guidance: float = 7.5
+    height: int | None = Field(None, ge=8)
+    width: int | None = Field(None, ge=8)
+
+
+class DataSpec(_Strict):
+    """Where prompts, seeds and masks come from.
+
+    ``shapesworld``: ``n`` generated scenes (``seed``, ``n_objects``, ``size``) with exact masks.
+    ``coco``: a COCO-format JSON (``path``) whose images carry ``prompt`` and ``seed``.
+    ``daam``: a DAAM experiment folder (``path``), converted to COCO on the fly.
+    """
+
+    source: Literal["shapesworld", "coco", "daam"] = "shapesworld"
+    path: str | None = None
+    n: int = Field(20, ge=1)
+    seed: int = 0
+    size: int = 64
+    n_objects: int | list[int] | None = None
+    phrasing: Literal["random", "plain"] = "random"
+    words: Literal["nouns", "all"] = "nouns"
+
+
+class MethodSpec(_Strict):
+    """One method configuration: a registered method ``name`` with ``params``; ``id`` labels it in
+    results and claims (default: the name)."""
+
+    name: str
+    id: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The id used in tables, claims and MLflow run names."""
+        return self.id or self.name
+
+
+class MetricSpec(_Strict):
+    """One metric configuration: a registered metric ``name`` with ``params`` (e.g. ``tau``); ``id``
+    names it in claims (default: name plus parameters, e.g. ``miou-inf@0.4`` for tau)."""
+
+    name: str
+    id: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.id:
+            return self.id
+        if set(self.params) == {"tau"}:
+            return f"{self.name}@{self.params['tau']}"
+        if not self.params:
+            return self.name
+        return self.name + "[" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + "]"
+
+
+class SuiteSpec(_Strict):
+    """A whole suite after ``include:`` resolution."""
+
+    name: str
+    description: str = ""
+    protocol: Literal["attribution"] = "attribution"
+    model: str = "shapesworld"
+    device: str = "cpu"
+    dtype: str = "float32"
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    seeds: list[int] | None = None
+    data: DataSpec = Field(default_factory=DataSpec)
+    ground_truth: Literal["exact", "coco", "grounded-sam"] = "exact"
+    methods: list[MethodSpec]
+    metrics: list[MetricSpec]
+    expect: list[str] = Field(default_factory=list)
+
+    @field_validator("methods", "metrics")
+    @classmethod
+    def _unique_labels(cls, value: list) -> list:
+        labels = [v.label for v in value]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"labels must be unique, repeated: {dup}; give each configuration an `id:`")
+        return value

@@ -1,0 +1,145 @@
+"""MLflow logging of suite runs: one parent run per suite invocation, one nested run per method
+configuration; params, metrics (with CI bounds), tags, and artifacts (tables, figures).
+
+The tracking store defaults to ``sqlite:///mlflow.db`` in the working directory unless
+``MLFLOW_TRACKING_URI`` (or ``tracking_uri=``) says otherwise. Run ids are remembered in the
+suite's state file, keyed by the invocation, so a resumed or repeated invocation logs into the
+same runs instead of creating duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from .. import __version__
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` or a SQLite file in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def metric_key(label: str) -> str:
+    """An MLflow-safe metric name: ``miou-inf@0.4`` -> ``miou-inf_tau0.4``."""
+    key = label.replace("@", "_tau").replace("[", "_").replace("]", "").replace("=", "").replace(",", "_")
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                             cwd=Path(__file__).resolve().parents[2])
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+class _RunState:
+    """Run ids per invocation key, stored as JSON next to the cache."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str) -> dict:
+        return self.data.get(key, {})
+
+    def put(self, key: str, value: dict) -> None:
+        self.data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: str | None = None,
+              artifacts: list[Path] = (), samples_table: list[dict] | None = None) -> dict:
+    """Log ``result`` (a SuiteResult); returns ``{"parent": run_id, "<method>": run_id, ...}``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    spec = result.spec
+    experiment = f"evalkit/{spec.name}"
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    state = _RunState(state_file)
+    known = state.get(invocation_key)
+
+    def run_for(name: str, parent: str | None) -> str:
+        rid = known.get(name)
+        if rid is not None:
+            try:
+                client.get_run(rid)
+                return rid
+            except Exception:  # noqa: BLE001 - deleted or from another store: make a new one
+                pass
+        tags = {"suite": spec.name, "model": spec.model, "git_commit": git_commit(), "evalkit_version": __version__}
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
+            tags["method"] = name
+        run = client.create_run(exp_id, run_name=f"{spec.name}" if parent is None else name, tags=tags)
+        known[name] = run.info.run_id
+        state.put(invocation_key, known)
+        return run.info.run_id
+
+    parent = run_for("parent", None)
+    sampler = spec.sampler.model_dump()
+    params = {"model": spec.model, "data.source": spec.data.source, "data.n": len(result.cases),
+              **{f"sampler.{k}": v for k, v in sampler.items()}}
+    _log_params(client, parent, params)
+    ids = {"parent": parent}
+    for m in spec.methods:
+        rid = run_for(m.label, parent)
+        ids[m.label] = rid
+        _log_params(client, rid, {"method": m.name, **{f"param.{k}": v for k, v in m.params.items()}})
+        for (method, metric), r in result.results.items():
+            if method != m.label:
+                continue
+            key = metric_key(metric)
+            _log_metric(client, rid, key, r.value)
+            if r.ci95:
+                _log_metric(client, rid, f"{key}.ci95_low", r.ci95[0])
+                _log_metric(client, rid, f"{key}.ci95_high", r.ci95[1])
+            _log_metric(client, rid, f"{key}.n", r.n)
+    passed = sum(c.passed for c in result.claims)
+    _log_metric(client, parent, "claims_passed", passed)
+    _log_metric(client, parent, "claims_failed", len(result.claims) - passed)
+    for path in artifacts:
+        client.log_artifact(parent, str(path))
+    if samples_table:
+        mlflow.tracking.MlflowClient(uri).log_table(parent, data=_columns(samples_table), artifact_file="samples.json")
+    client.set_terminated(parent, "FINISHED")
+    for name, rid in ids.items():
+        if name != "parent":
+            client.set_terminated(rid, "FINISHED")
+    return ids
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    existing = client.get_run(run_id).data.params
+    for k, v in params.items():
+        if k not in existing:
+            client.log_param(run_id, k, str(v)[:500])
+
+
+def _log_metric(client, run_id: str, key: str, value: float) -> None:
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return
+    existing = client.get_run(run_id).data.metrics
+    if key in existing and existing[key] == float(value):
+        return  # a resumed or repeated invocation does not add duplicate points
+    client.log_metric(run_id, key, float(value), step=0)

@@ -1,0 +1,180 @@
+"""Suites: loading with include:, errors with file:line and suggestions, claims, the case cache,
+and an end-to-end run that is interrupted with kill -9 and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evalkit.suites import CaseCache, SuiteError, load_suite, parse_claim
+from evalkit.suites.claims import evaluate
+
+TINY = """
+include: base.yaml
+name: tiny
+methods:
+  - name: daam
+  - name: norm
+metrics:
+  - {name: miou-inf, params: {tau: 0.4}}
+  - {name: relevance-mass}
+expect:
+  - daam.miou-inf@0.4 >= 0.0
+  - norm.relevance-mass > 2.0
+"""
+BASE = """
+model: tiny-sd
+sampler: {steps: 2, guidance: 7.5, height: 64, width: 64}
+data: {source: shapesworld, n: 3, seed: 0, size: 64}
+"""
+
+
+def _write(tmp_path: Path, text: str = TINY, base: str = BASE) -> Path:
+    (tmp_path / "base.yaml").write_text(base)
+    p = tmp_path / "tiny.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_suites_validate():
+    from evalkit.suites import list_suites
+
+    names = list_suites()
+    assert "task-a" in names
+    for name in names:
+        load_suite(name)
+
+
+def test_include_merges_defaults(tmp_path):
+    spec = load_suite(str(_write(tmp_path)))
+    assert spec.model == "tiny-sd" and spec.sampler.steps == 2 and spec.data.n == 3
+    assert [m.label for m in spec.methods] == ["daam", "norm"]
+    assert [m.label for m in spec.metrics] == ["miou-inf@0.4", "relevance-mass"]
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (TINY.replace("  - name: norm", "  - nmae: norm"),
+         r"tiny.yaml:6: unknown key 'methods.1.nmae'; did you mean 'name'"),
+        (TINY.replace("name: norm", "name: nrom"),
+         r"tiny.yaml:6: unknown attribution method 'nrom'; did you mean 'norm'"),
+        (TINY.replace("name: relevance-mass", "name: relevance-mas"), r"tiny.yaml:9: unknown metric"),
+        (TINY + "smapler: {steps: 3}\n", r"tiny.yaml:13: unknown key 'smapler'; did you mean 'sampler'"),
+        (TINY.replace("norm.relevance-mass > 2.0", "nrm.relevance-mass > 2.0"),
+         r"tiny.yaml:12: claim .* unknown method 'nrm'; did you mean 'norm'"),
+        (TINY.replace("include: base.yaml", "include: nothere.yaml"), "include 'nothere.yaml' not found"),
+        ("name: [unclosed", "not valid YAML"),
+    ],
+)
+def test_malformed_suites_name_file_line_and_fix(tmp_path, bad, message):
+    with pytest.raises(SuiteError, match=message):
+        load_suite(str(_write(tmp_path, bad)))
+
+
+def test_unknown_suite_suggests():
+    with pytest.raises(SuiteError, match="did you mean 'task-a'"):
+        load_suite("task-aa")
+
+
+def test_claims_parse_and_evaluate():
+    labels = {"methods": ["daam", "norm"], "metrics": ["miou-inf@0.4"]}
+    c = parse_claim("norm.miou-inf@0.4 >= daam.miou-inf@0.4", labels)
+    assert c.left.method == "norm" and c.left.metric == "miou-inf@0.4" and c.op == ">="
+    vals = {("norm", "miou-inf@0.4"): 0.5, ("daam", "miou-inf@0.4"): 0.4}
+    out = evaluate(c, vals)
+    assert out.passed and out.line().startswith("PASSED")
+    assert not evaluate(parse_claim("daam.miou-inf@0.4 > 0.45", labels), vals).passed
+    assert not evaluate(c, {("norm", "miou-inf@0.4"): float("nan"), ("daam", "miou-inf@0.4"): 0.1}).passed
+    with pytest.raises(ValueError, match="LEFT OP RIGHT"):
+        parse_claim("norm.miou-inf@0.4", labels)
+
+
+def test_cache_is_atomic_checksummed_and_safe(tmp_path):
+    cache = CaseCache(tmp_path)
+    key = "ab" + "0" * 62
+    d = cache.store(key, {"case.json": {"a": 1}, "maps.npz": {"x": np.ones(3, np.float32)},
+                          "image.png": Image.new("RGB", (4, 4))})
+    assert cache.load(key) == d
+    (d / "maps.npz").write_bytes(b"garbage")
+    assert cache.load(key) is None and not d.exists()  # corrupt entry detected and removed
+    with pytest.raises(ValueError, match="only"):
+        cache.store(key, {"state.pkl": b"x"})
+    assert not list(tmp_path.glob("ab/.tmp-*"))  # no half-written folders left behind
+
+
+def _run(tmp_path, suite, *extra, env=None):
+    cmd = [sys.executable, "-m", "evalkit.cli", "run", str(suite), "--cache-dir", str(tmp_path / "cache"),
+           "--reports-dir", str(tmp_path / "reports"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--quiet", *extra]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def test_run_kill9_resume_same_numbers_no_duplicate_runs(tmp_path, tiny_pipe):
+    suite = _write(tmp_path)
+    # interrupted run: kill -9 as soon as the first case is in the cache
+    proc = _run(tmp_path, suite)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "cache").glob("??/*/entry.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((tmp_path / "cache").glob("??/*/entry.json")))
+    assert 1 <= done_before < 3
+    # resume: completes, exit 1 because one claim is written to fail
+    proc = _run(tmp_path, suite)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 1, out
+    assert f"3 cases ({3 - done_before} computed)" in out
+    assert "PASSED daam.miou-inf@0.4 >= 0.0" in out and "FAILED norm.relevance-mass > 2.0" in out
+    # a rerun recomputes nothing and logs into the same MLflow runs
+    proc = _run(tmp_path, suite)
+    out2, _ = proc.communicate(timeout=400)
+    assert "3 cases (0 computed)" in out2
+    # same numbers as an uninterrupted run in a fresh cache (in-process, same pipeline weights)
+    from evalkit.suites import result_rows, run_suite
+
+    fresh = run_suite(load_suite(str(suite)), cache_dir=tmp_path / "fresh", progress=False, pipe=tiny_pipe)
+    reports = sorted((tmp_path / "reports" / "tiny").glob("*/results.json"))
+    a = json.loads(reports[-1].read_text())["rows"]
+    b = result_rows(fresh)
+    assert [(r["method"], r["metric"], round(r["value"], 6)) for r in a] == \
+        [(r["method"], r["metric"], round(r["value"], 6)) for r in b]
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("evalkit/tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["daam", "norm", "tiny"]  # one parent, one per method
+    parent = next(r for r in runs if r.info.run_name == "tiny")
+    child = next(r for r in runs if r.info.run_name == "norm")
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.metrics["miou-inf_tau0.4"] == pytest.approx(next(
+        r["value"] for r in a if r["method"] == "norm" and r["metric"] == "miou-inf@0.4"))
+    history = client.get_metric_history(child.info.run_id, "miou-inf_tau0.4")
+    assert len(history) == 1  # resumed and repeated invocations did not log duplicate points
+    assert {"suite", "model", "git_commit", "evalkit_version"} <= set(parent.data.tags)
+    arts = [f.path for f in client.list_artifacts(parent.info.run_id)]
+    assert "report.md" in arts and "overlays.png" in arts
+    report = reports[-1].parent
+    assert (report / "report.html").is_file() and "## Claims" in (report / "report.md").read_text()
+
+
+def test_cli_run_input_errors_exit_2(tmp_path):
+    suite = _write(tmp_path)
+    proc = _run(tmp_path, suite, "--methods", "daaam")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "did you mean 'daam'" in out
+    proc = _run(tmp_path, tmp_path / "missing.yaml")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "no suite" in out
