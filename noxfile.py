@@ -89,3 +89,18 @@ def attribute(session: nox.Session) -> None:
         "--words", "bird,lake", "--out", "out/attribute",
     ]
     session.run(str(BIN / "evalkit"), "attribute", *args, env=_env())
+
+
+@nox.session(name="eval-task-a")
+def eval_task_a(session: nox.Session) -> None:
+    """Task A (attribution fidelity) on the embedded ShapesWorld model; args after -- go to `evalkit run`
+    (e.g. `-- --model CompVis/stable-diffusion-v1-4 --device cuda --limit 10 --methods daam,norm`)."""
+    ensure_env(session)
+    session.run(str(BIN / "evalkit"), "run", "task-a", *session.posargs, env=_env())
+
+
+@nox.session(name="mlflow-ui")
+def mlflow_ui(session: nox.Session) -> None:
+    """The MLflow UI on 127.0.0.1 against the local tracking store (sqlite:///mlflow.db)."""
+    ensure_env(session)
+    session.run(str(BIN / "evalkit"), "ui", *session.posargs, env=_env())
