@@ -1,0 +1,86 @@
+"""Smoke test of benchmarks/bench_trace.py: its memory-statistics part on tiny-sd and its helpers.
+No timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SIZE = 128  # 16x16 latent: still every attn2 resolution of tiny-sd, 4x cheaper than the bench's 256 px
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trace.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_trace", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_traced_union_is_what_the_methods_need(bench):
+    assert bench.traced_stats() == {"attn", "norm", "norm_sq"}
+    assert bench.traced_stats(["hrv-selective"]) == {"attn"}
+
+
+def test_accumulated_statistic_bytes_do_not_depend_on_steps(bench, tiny_pipe):
+    from evalkit.trace import find_cross_attention_layers
+
+    few = bench.stat_bytes_for_steps(tiny_pipe, 2, size=SIZE)
+    many = bench.stat_bytes_for_steps(tiny_pipe, 4, size=SIZE)
+    assert few == many > 0
+    # independent count: 3 statistics x (1 conditional row, heads, Q, 77 tokens) float32 per layer
+    latent_hw = (SIZE // 8, SIZE // 8)
+    layers = [info for info, _ in find_cross_attention_layers(tiny_pipe.unet)]
+    assert few == sum(3 * layer.heads * math.prod(layer.grid(latent_hw)) * 77 * 4 for layer in layers)
+
+
+def test_recorder_bytes_count_summed_and_per_step_tensors(bench):
+    import torch
+
+    rec = SimpleNamespace(sums={"attn": torch.zeros(1, 2, 3, 4)},
+                          steps={"attn_steps": [torch.zeros(1, 5, 6, dtype=torch.float64)] * 3})
+    tracer = SimpleNamespace(recorders=[rec, rec])
+    assert bench.recorder_nbytes(tracer) == 2 * (24 * 4 + 3 * 30 * 8)
+
+
+def test_ratio_helpers_compute_what_they_say(bench):
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(1.0, 0.0) == math.inf
+    assert math.isnan(bench.ratio(0.0, 0.0))
+    # ratio of the medians, not median of the ratios (which would be 1.5 here)
+    assert bench.median_ratio([1.0, 3.0, 100.0], [2.0, 2.0, 1.0]) == pytest.approx(3.0 / 2.0)
+    assert bench.median_ratio([4.0, 1.0, 2.0], [1.0, 2.0, 8.0]) == pytest.approx(1.0)
+    order = [kind for i in range(4) for kind in bench.pair_order(i)]
+    assert order == ["untraced", "traced", "traced", "untraced"] * 2
+
+
+def test_table_rows_and_status(bench):
+    ok = bench.check_row("time ratio", 1.10, 1.10)
+    over = bench.check_row("peak ratio", 1.06, 1.05, measured="1.06 (x / y)")
+    assert (ok.status, ok.measured, ok.target) == ("OK", "1.100", "<= 1.10")
+    assert (over.status, over.measured) == ("over", "1.06 (x / y)")
+    lines = bench.format_table([ok, over]).splitlines()
+    assert lines[0].split() == ["quantity", "measured", "target", "status"]
+    assert len(lines) == 4 and lines[3].endswith("over")
+
+
+def test_sd15_geometry_has_the_sd14_heads(bench):
+    from evalkit.trace import find_cross_attention_layers
+
+    unet = bench.build_sd15_unet(device="meta")  # no weights: instant
+    layers = [info for info, _ in find_cross_attention_layers(unet)]
+    assert len(layers) == 16 and all(layer.heads == 8 for layer in layers)
+    assert [layer.grid((32, 32)) for layer in layers if layer.place == "mid"] == [(4, 4)]
+    methods, source = bench.make_methods([n for layer in layers for n in layer.head_names()])
+    assert set(methods) == {"daam", "raw-attn", "norm", "hrv-selective"}
+    assert source.startswith("shipped sd14")
