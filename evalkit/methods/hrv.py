@@ -34,7 +34,12 @@ class HeadRelevance:
 
     @classmethod
     def load(cls, source: str | Path) -> HeadRelevance:
-        """Read an HRV JSON file; ``"sd14"`` loads the shipped SD v1.4 vectors."""
+        """Read an HRV JSON file; ``"sd14"`` loads the shipped SD v1.4 vectors, and a built-in model
+        name (e.g. ``"shapesworld"``) the ``hrv.json`` shipped in that model's folder."""
+        from ..builtin_models import BUILTIN_MODELS
+
+        if str(source) in BUILTIN_MODELS and (Path(BUILTIN_MODELS[str(source)]) / "hrv.json").is_file():
+            source = Path(BUILTIN_MODELS[str(source)]) / "hrv.json"
         if str(source) == SD14_HRV:
             text = resources.files("evalkit.data").joinpath("hrv_sd14.json").read_text()
             origin = "the shipped SD v1.4 HRV file"

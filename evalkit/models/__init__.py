@@ -22,7 +22,6 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-import evalkit
 from evalkit.models.tokenizer import build_clip_tokenizer
 
 __all__ = [
@@ -39,17 +38,7 @@ __all__ = [
     "set_scheduler",
 ]
 
-_FIXTURES = Path(evalkit.__file__).resolve().parents[1] / "fixtures"
-
-#: Built-in model name -> local diffusers pipeline folder.
-BUILTIN_MODELS: dict[str, Path] = {
-    "tiny-sd": _FIXTURES / "tiny-sd",
-}
-
-#: One-line descriptions of the built-in models (optional per entry).
-BUILTIN_DESCRIPTIONS: dict[str, str] = {
-    "tiny-sd": "random-weight SD 1.x-shaped pipeline (64x64 latent, cross-attn at 64/32/16/8 + mid)",
-}
+from evalkit.builtin_models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS  # noqa: E402
 
 #: Scheduler name -> diffusers scheduler class (built from the pipeline's scheduler config).
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {

@@ -1,0 +1,20 @@
+"""Names of the models evalkit ships under ``fixtures/`` (kept free of heavy imports so that cache
+keys and listings do not pay for importing diffusers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+#: Built-in model name -> local diffusers pipeline folder.
+BUILTIN_MODELS: dict[str, Path] = {
+    "tiny-sd": _FIXTURES / "tiny-sd",
+    "shapesworld": _FIXTURES / "shapesworld",
+}
+
+#: One-line descriptions of the built-in models (optional per entry).
+BUILTIN_DESCRIPTIONS: dict[str, str] = {
+    "tiny-sd": "random-weight SD 1.x-shaped pipeline (64x64 latent, cross-attn at 64/32/16/8 + mid)",
+    "shapesworld": "SD pipeline trained on ShapesWorld (64x64 px, 16x16 latent, cross-attn at 16/8 + mid; exact GT)",
+}
