@@ -167,6 +167,8 @@ def test_shipped_sd14_hrv_loads():
     top = hrv.select("Animals", 30)
     least = hrv.select("Animals", 30, order="least")
     assert len(set(top)) == 30 and not set(top) & set(least)
+    assert create_method("hrv-selective", k=0.25).k == 32  # a fraction of SD's 128 heads
+    assert create_method("hrv-selective", k=40).heads == hrv.select("Animals", 40)
 
 
 # --- planted signal -------------------------------------------------------------------------------

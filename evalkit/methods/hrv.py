@@ -119,7 +119,8 @@ def heads_by_layer(trace: Trace, names: Sequence[str], hrv: HeadRelevance) -> di
 class HRVSelective(AttributionMethod):
     """HRV-selective (paper 002 Eq. 4): DAAM's aggregation (attention summed over steps, each map
     resized bicubically to the latent grid and clamped at 0, mean over the selected maps)
-    restricted to the ``k`` heads (default 30) with the highest (``order="most"``) or lowest
+    restricted to the ``k`` heads (default 30; a float below 1 is a fraction of all heads) with the
+    highest (``order="most"``) or lowest
     (``order="least"``) relevance for ``concept`` in a head relevance vector, over all attn2
     layers including the mid block and every resolution. To image size: bicubic. Binarization:
     min-max normalize, then > tau."""
@@ -128,12 +129,14 @@ class HRVSelective(AttributionMethod):
     summary = "HRV-selective: DAAM aggregation over the top-k heads of a concept's head relevance vector (paper 002)"
     upsample = "bicubic"
 
-    def __init__(self, hrv: str | Path | HeadRelevance = SD14_HRV, concept: str = "Animals", k: int = 30,
+    def __init__(self, hrv: str | Path | HeadRelevance = SD14_HRV, concept: str = "Animals", k: int | float = 30,
                  order: str = "most") -> None:
         self.hrv = hrv if isinstance(hrv, HeadRelevance) else HeadRelevance.load(hrv)
         self.hrv_source = "object" if isinstance(hrv, HeadRelevance) else str(hrv)
         self.concept = concept
-        self.k = int(k)
+        n = len(self.hrv.heads)
+        # k < 1 is a fraction of all heads (paper 002 selects 20-40 of SD's 128, i.e. 16-31 %)
+        self.k = max(1, round(k * n)) if isinstance(k, float) and 0 < k < 1 else int(k)
         self.order = order
         self.heads = self.hrv.select(concept, self.k, order)
 
