@@ -99,6 +99,65 @@ def eval_task_a(session: nox.Session) -> None:
     session.run(str(BIN / "evalkit"), "run", "task-a", *session.posargs, env=_env())
 
 
+# -- protocol suites (paper 000 ablations and Task B); args after -- go to `evalkit run` ---------------
+PROTOCOL_SUITES = {
+    "eval-seed-control": "seed-control",
+    "eval-aggregation": "aggregation-ablation",
+    "eval-head-removal": "head-removal",
+    "eval-pos": "pos-ablation",
+    "eval-steering": "steering-adherence",
+}
+
+
+def _eval_suite(session: nox.Session, suite: str) -> None:
+    ensure_env(session)
+    session.run(str(BIN / "evalkit"), "run", suite, *session.posargs, env=_env())
+
+
+@nox.session(name="eval-seed-control")
+def eval_seed_control(session: nox.Session) -> None:
+    """Seed control (paper 000 Table 6): fixed vs varying removal seed; Avg KL, specificity, shift, variance."""
+    _eval_suite(session, "seed-control")
+
+
+@nox.session(name="eval-aggregation")
+def eval_aggregation(session: nox.Session) -> None:
+    """Aggregation ablation (paper 000 Table 7): heads only / timesteps only / heads + timesteps."""
+    _eval_suite(session, "aggregation-ablation")
+
+
+@nox.session(name="eval-head-removal")
+def eval_head_removal(session: nox.Session) -> None:
+    """Head removal (paper 000 Table 4): none / top-5 sensitive / 5 random heads ablated."""
+    _eval_suite(session, "head-removal")
+
+
+@nox.session(name="eval-pos")
+def eval_pos(session: nox.Session) -> None:
+    """POS ablation (paper 000 Table 5, Fig. 2): Avg KL and specificity per POS group, head-spike figures."""
+    _eval_suite(session, "pos-ablation")
+
+
+@nox.session(name="eval-steering")
+def eval_steering(session: nox.Session) -> None:
+    """Task B (paper 000 Tables 2-3): no steering vs value steering (and HRV strengthening when configured)."""
+    _eval_suite(session, "steering-adherence")
+
+
+@nox.session(name="eval-all")
+def eval_all(session: nox.Session) -> None:
+    """Task A and every protocol suite in turn (same arguments to each); fails if any suite's claims fail."""
+    ensure_env(session)
+    failed = []
+    for suite in ["task-a", *PROTOCOL_SUITES.values()]:
+        try:
+            session.run(str(BIN / "evalkit"), "run", suite, *session.posargs, env=_env())
+        except nox.command.CommandFailed:
+            failed.append(suite)
+    if failed:
+        session.error(f"suites with failing claims or errors: {', '.join(failed)}")
+
+
 @nox.session(name="mlflow-ui")
 def mlflow_ui(session: nox.Session) -> None:
     """The MLflow UI on 127.0.0.1 against the local tracking store (sqlite:///mlflow.db)."""

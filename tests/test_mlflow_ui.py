@@ -23,6 +23,7 @@ name: ui-check
 model: tiny-sd
 sampler: {steps: 1, guidance: 7.5, height: 64, width: 64}
 data: {source: shapesworld, n: 2, seed: 0, size: 64}
+options: {masks: reference}
 methods: [{name: daam}, {name: raw-attn}]
 metrics: [{name: miou-inf, params: {tau: 0.4}}]
 expect: ["daam.miou-inf@0.4 >= 0.0"]

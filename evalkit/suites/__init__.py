@@ -54,7 +54,13 @@ def execute(
     rows = result_rows(result)
     print_summary(result, rows)
     cache_dir = Path(cache_dir)
-    figures = [save_image_grid(result, cache_dir / "figures" / spec.name / "overlays.png")]
+    figures = list(result.figures)  # protocol suites bring their own figures
+    if spec.protocol == "attribution":
+        key = content_key([c.key for c in result.cases])[:12]
+        grid = cache_dir / "figures" / spec.name / f"overlays-{key}.png"
+        if not grid.is_file():  # depends only on the cases: a rerun reuses it
+            save_image_grid(result, grid)
+        figures.insert(0, grid)
     report = _write(result, rows, figures, reports_dir)
     if tracking:
         from ..tracking import log_suite

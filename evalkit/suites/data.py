@@ -3,6 +3,7 @@ from ShapesWorld (exact masks), a COCO-format JSON, or a DAAM experiment folder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,12 +13,18 @@ from .schema import DataSpec
 
 @dataclass
 class EvalItem:
-    """One prompt to generate and the masks its words are scored against (``(H, W)`` bool)."""
+    """One prompt to generate and the masks its words are scored against (``(H, W)`` bool).
+
+    ``ground``, when set, derives the masks from the *generated* image instead (ShapesWorld: the
+    model places objects itself, so the reference scene's masks do not apply); ``masks`` then
+    only fixes the words.
+    """
 
     id: str
     prompt: str
     seed: int
     masks: dict[str, np.ndarray] = field(repr=False)
+    ground: Callable[[object], dict[str, np.ndarray]] | None = field(default=None, repr=False)
 
     @property
     def words(self) -> list[str]:
@@ -32,7 +39,8 @@ def load_items(spec: DataSpec, limit: int | None = None) -> list[EvalItem]:
 
         role = "noun" if spec.words == "nouns" else None
         return [
-            EvalItem(id=f"sw-{spec.seed}-{it.index}", prompt=it.prompt, seed=it.seed, masks=it.masks(role))
+            EvalItem(id=f"sw-{spec.seed}-{it.index}", prompt=it.prompt, seed=it.seed, masks=it.masks(role),
+                     ground=_shapesworld_grounder(it.prompt, list(it.masks(role))))
             for it in dataset(n, spec.seed, size=spec.size, n_objects=spec.n_objects, phrasing=spec.phrasing)
         ]
     from ..groundtruth import GroundTruth, import_daam_folder
@@ -49,3 +57,37 @@ def load_items(spec: DataSpec, limit: int | None = None) -> list[EvalItem]:
         items.append(EvalItem(id=f"{spec.source}-{img.id}", prompt=img.prompt, seed=int(img.seed),
                               masks=gt.masks_for(img.id)))
     return items
+
+
+def _shapesworld_grounder(prompt: str, words: list[str]) -> Callable[[object], dict[str, np.ndarray]]:
+    """Masks of ``words`` in a generated ShapesWorld image from the analytic checker's colour
+    segmentation. An object phrase's mask is the union of the connected components of its colour
+    that the checker classifies as its shape; if the model drew the colour but no component of the
+    right shape, all components of that colour (what the model made of the phrase). A word maps
+    to every object phrase containing it (a noun to each object of that shape), united. An object
+    with no pixels of its colour gives an empty mask, scored as undefined and counted as excluded."""
+    from ..shapesworld.checker import color_components, parse_prompt, segment_colors
+
+    specs = parse_prompt(prompt)
+
+    def ground(image) -> dict[str, np.ndarray]:
+        arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        labels = segment_colors(arr)
+        found = []
+        for spec in specs:
+            comps = color_components(arr, spec.color, labels=labels) if spec.color else []
+            chosen = [c for c in comps if c.shape == spec.shape] or comps
+            mask = np.zeros(arr.shape[:2], dtype=bool)
+            for c in chosen:
+                mask |= c.mask
+            found.append(mask)
+        out: dict[str, np.ndarray] = {}
+        for w in words:
+            mask = np.zeros(arr.shape[:2], dtype=bool)
+            for spec, m in zip(specs, found):
+                if w in (spec.shape, spec.color, spec.size):
+                    mask |= m
+            out[w] = mask
+        return out
+
+    return ground

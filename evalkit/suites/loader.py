@@ -167,7 +167,7 @@ def _check_names(spec: SuiteSpec, origins, path: Path) -> None:
             raise SuiteError(f"{_line(origins, ('metrics', i, 'name'), path)}: {err}") from None
     from .claims import parse_claim
 
-    labels = {"methods": [m.label for m in spec.methods], "metrics": [m.label for m in spec.metrics]}
+    labels = {"methods": spec.row_labels(), "metrics": [m.label for m in spec.metrics]}
     for i, text in enumerate(spec.expect):
         try:
             parse_claim(text, labels)

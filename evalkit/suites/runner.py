@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..methods import Attribution, create_method
 from ..metrics import MetricResult, create_metric
+from . import protocols  # noqa: F401  (registers the protocol suites' methods and metrics)
 from .cache import CaseCache, content_key, read_json
 from .claims import ClaimOutcome, evaluate, parse_claim
 from .data import EvalItem, load_items
@@ -36,7 +37,7 @@ def code_version() -> str:
 
 def model_fingerprint(model: str) -> str:
     """A model id plus, for local folders, a hash of its configs and weight-file sizes."""
-    from ..models import BUILTIN_MODELS
+    from ..builtin_models import BUILTIN_MODELS
 
     path = Path(BUILTIN_MODELS.get(model, model))
     if not path.is_dir():
@@ -69,6 +70,7 @@ class SuiteResult:
     case_dirs: list[Path]
     n_computed: int
     samples: list[dict] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)  # extra figures of protocol suites (report, MLflow)
 
     @property
     def passed(self) -> bool:
@@ -89,6 +91,10 @@ def run_suite(
     pipe=None,
 ) -> SuiteResult:
     """Run ``spec``; cases already in the cache are read back, not recomputed."""
+    if spec.protocol != "attribution":  # the other protocols: evalkit.suites.protocols
+        from .protocols import run_protocol
+
+        return run_protocol(spec, cache_dir=cache_dir, limit=limit, progress=progress, pipe=pipe)
     items = load_items(spec.data, limit)
     cases = _cases(spec, items)
     methods = {m.label: create_method(m.name, **m.params) for m in spec.methods}
@@ -141,7 +147,9 @@ def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict, stats: list[
     meta = {"prompt": case.item.prompt, "seed": case.seed, "item": case.item.id, "words": case.item.words,
             "tokens": list(trace.tokens.pieces), "image_hw": list(trace.image_hw), "upsample": upsample,
             "n_unet_calls": trace.n_steps}
-    masks = {w: m.astype(np.uint8) for w, m in case.item.masks.items()}
+    from .protocols import case_masks
+
+    masks = {w: m.astype(np.uint8) for w, m in case_masks(spec, case.item, gen.images[0]).items()}
     cache.store(case.key, {"image.png": gen.images[0], "maps.npz": maps, "masks.npz": masks, "case.json": meta})
 
 
