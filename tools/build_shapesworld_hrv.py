@@ -18,7 +18,7 @@ from evalkit.shapesworld.scene import COLORS, RELATIONS, SHAPES, SIZES
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--generations", type=int, default=24)
+    ap.add_argument("--generations", type=int, default=16)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(BUILTIN_MODELS["shapesworld"]) / "hrv.json"))
