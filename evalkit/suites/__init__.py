@@ -14,15 +14,17 @@ from .schema import DataSpec, MethodSpec, MetricSpec, SamplerSpec, SuiteSpec
 
 def print_summary(result: SuiteResult, rows: list[dict]) -> None:
     """The result table, then the claims as a pytest-like summary."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
     from ..reports import HEADER, table_rows
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 130)  # logs and pipes get the whole table
     table = Table(title=f"{result.spec.name}: {len(result.cases)} cases ({result.n_computed} computed)")
     for h in HEADER:
-        table.add_column(h)
+        table.add_column(h, no_wrap=True)
     for r in table_rows(rows):
         table.add_row(*r)
     console.print(table)

@@ -3,7 +3,9 @@ method and metric from that one trace, cache each case atomically, reduce, and j
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -183,11 +185,14 @@ def _score(spec: SuiteSpec, cases: list[Case], dirs: list[Path]):
     return results, samples
 
 
+@functools.cache
+def _update_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.update).parameters)
+
+
 def _update(metric, heat: np.ndarray, mask: np.ndarray, word: str) -> float:
     """Feed one (map, mask, word) sample to a metric, passing only what its ``update`` takes."""
-    import inspect
-
-    params = inspect.signature(metric.update).parameters
+    params = _update_params(type(metric))
     kwargs = {}
     if "mask" in params:
         kwargs["mask"] = mask

@@ -93,24 +93,25 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
     sampler = spec.sampler.model_dump()
     params = {"model": spec.model, "data.source": spec.data.source, "data.n": len(result.cases),
               **{f"sampler.{k}": v for k, v in sampler.items()}}
-    _log_params(client, parent, params)
     ids = {"parent": parent}
+    batches: dict[str, tuple[dict, dict]] = {parent: (params, {})}
     for m in spec.methods:
         rid = run_for(m.label, parent)
         ids[m.label] = rid
-        _log_params(client, rid, {"method": m.name, **{f"param.{k}": v for k, v in m.params.items()}})
+        values: dict[str, float] = {}
         for (method, metric), r in result.results.items():
             if method != m.label:
                 continue
             key = metric_key(metric)
-            _log_metric(client, rid, key, r.value)
+            values[key] = r.value
             if r.ci95:
-                _log_metric(client, rid, f"{key}.ci95_low", r.ci95[0])
-                _log_metric(client, rid, f"{key}.ci95_high", r.ci95[1])
-            _log_metric(client, rid, f"{key}.n", r.n)
+                values[f"{key}.ci95_low"], values[f"{key}.ci95_high"] = r.ci95
+            values[f"{key}.n"] = r.n
+        batches[rid] = ({"method": m.name, **{f"param.{k}": v for k, v in m.params.items()}}, values)
     passed = sum(c.passed for c in result.claims)
-    _log_metric(client, parent, "claims_passed", passed)
-    _log_metric(client, parent, "claims_failed", len(result.claims) - passed)
+    batches[parent][1].update({"claims_passed": passed, "claims_failed": len(result.claims) - passed})
+    for rid, (p, v) in batches.items():
+        _log_batch(client, rid, p, v)
     for path in artifacts:
         client.log_artifact(parent, str(path))
     if samples_table:
@@ -127,19 +128,20 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def _log_params(client, run_id: str, params: dict) -> None:
-    existing = client.get_run(run_id).data.params
-    for k, v in params.items():
-        if k not in existing:
-            client.log_param(run_id, k, str(v)[:500])
-
-
-def _log_metric(client, run_id: str, key: str, value: float) -> None:
+def _log_batch(client, run_id: str, params: dict, metrics: dict) -> None:
+    """Log params and metrics in one request, skipping what the run already holds (so a resumed
+    or repeated invocation adds no duplicate points)."""
     import math
+    import time
 
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return
-    existing = client.get_run(run_id).data.metrics
-    if key in existing and existing[key] == float(value):
-        return  # a resumed or repeated invocation does not add duplicate points
-    client.log_metric(run_id, key, float(value), step=0)
+    from mlflow.entities import Metric, Param
+
+    data = client.get_run(run_id).data
+    now = int(time.time() * 1000)
+    new_params = [Param(k, str(v)[:500]) for k, v in params.items() if k not in data.params]
+    new_metrics = [
+        Metric(k, float(v), now, 0) for k, v in metrics.items()
+        if v is not None and not (isinstance(v, float) and math.isnan(v)) and data.metrics.get(k) != float(v)
+    ]
+    if new_params or new_metrics:
+        client.log_batch(run_id, metrics=new_metrics, params=new_params)
