@@ -115,7 +115,7 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
     for path in artifacts:
         client.log_artifact(parent, str(path))
     if samples_table:
-        mlflow.tracking.MlflowClient(uri).log_table(parent, data=_columns(samples_table), artifact_file="samples.json")
+        client.log_table(parent, data=_columns(samples_table), artifact_file="samples.json")
     client.set_terminated(parent, "FINISHED")
     for name, rid in ids.items():
         if name != "parent":
