@@ -110,9 +110,10 @@ def _resolve_local(model: str) -> Path | None:
     if model in BUILTIN_MODELS:
         path = BUILTIN_MODELS[model]
         if not _is_diffusers_folder(path):
+            script = "build_tiny_sd.py" if model == "tiny-sd" else "train_shapesworld.py"
             raise ModelLoadError(
-                f"built-in model {model!r} is missing at {path}; "
-                "build it with `python fixtures/build_tiny_sd.py`"
+                f"built-in model {model!r} is missing at {path}; rebuild it with `python fixtures/{script}` "
+                "or restore the folder from git"
             )
         return path
     path = Path(model).expanduser()
