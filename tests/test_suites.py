@@ -198,3 +198,14 @@ def test_shapesworld_ground_truth_comes_from_the_generated_image():
     assert np.mean(ious) > 0.95 and min(ious) > 0.8
     blank = items[0].ground(np.full((64, 64, 3), 240, np.uint8))
     assert all(not m.any() for m in blank.values())  # nothing drawn: empty masks (excluded when scored)
+
+
+def test_changing_the_mask_source_invalidates_cached_cases(tmp_path, tiny_pipe):
+    from evalkit.suites import run_suite
+
+    spec = load_suite(str(_write(tmp_path)))
+    first = run_suite(spec, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
+    again = run_suite(spec, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
+    other = run_suite(spec.model_copy(update={"options": {"masks": "generated"}}), cache_dir=tmp_path / "c",
+                      progress=False, pipe=tiny_pipe)
+    assert (first.n_computed, again.n_computed, other.n_computed) == (3, 0, 3)

@@ -76,7 +76,7 @@ from PIL import Image
 from ..methods import Attribution, AttributionMethod, aggregate, create_method, register_method
 from ..metrics import Metric, MetricUnavailableError, create_metric, register_metric
 from ..metrics.mapstats import js_divergence
-from .cache import CaseCache, content_key, read_json
+from .cache import read_json
 from .claims import evaluate, parse_claim
 from .data import EvalItem, load_items
 from .schema import MethodSpec, SuiteSpec, VariantSpec
@@ -875,9 +875,8 @@ def run_protocol(spec: SuiteSpec, *, cache_dir: str | Path = ".cache/evalkit", l
     """Run a protocol suite; cases already in the cache are read back, not recomputed. Returns a
     :class:`~evalkit.suites.runner.SuiteResult` whose ``spec`` lists the rows as methods (one MLflow child
     run per row) and whose ``figures`` are the protocol's figures."""
-    from tqdm.auto import tqdm
 
-    from .runner import Case, SuiteResult, code_version, model_fingerprint
+    from .runner import Case, SuiteResult, code_version, model_fingerprint, run_cases
 
     if spec.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {spec.protocol!r}; known: attribution, {', '.join(PROTOCOLS)}")
@@ -911,25 +910,9 @@ def run_protocol(spec: SuiteSpec, *, cache_dir: str | Path = ".cache/evalkit", l
         "code": code_version(),
         "protocol_code": protocol_code_version(),
     }
-    cache = CaseCache(cache_dir)
-    for case in cases:
-        case.key = content_key({**base, "prompt": case.item.prompt, "seed": case.seed, "words": case.item.words,
-                                "masks": {w: hashlib.sha256(np.packbits(m).tobytes()).hexdigest()[:16]
-                                          for w, m in case.item.masks.items()}})
-    todo = [c for c in cases if cache.load(c.key) is None]
-    if todo and pipe is None:
-        from ..models import load
-
-        pipe = load(spec.model, scheduler=spec.sampler.scheduler, dtype=spec.dtype, device=spec.device)
-    n_computed = 0
-    with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
-        bar.update(len(cases) - len(todo))
-        for case in todo:
-            target = methods if spec.protocol == "aggregation-ablation" else variants
-            cache.store(case.key, compute(pipe, spec, case, target, method, stats))
-            n_computed += 1
-            bar.update(1)
-    dirs = [cache.path(c.key) for c in cases]
+    target = methods if spec.protocol == "aggregation-ablation" else variants
+    n_computed, dirs = run_cases(spec, cases, base, cache_dir, pipe, progress,
+                                 lambda p, case: compute(p, spec, case, target, method, stats))
     figures_dir = Path(cache_dir) / "figures" / spec.name
     results, samples, figures = score(spec, cases, dirs, variants, figures_dir)
     labels = {"methods": spec.row_labels(), "metrics": [m.label for m in spec.metrics]}

@@ -107,25 +107,11 @@ def run_suite(
         "sampler": spec.sampler.model_dump(),
         "stats": stats,
         "methods": {m.label: {"name": m.name, "params": methods[m.label].params()} for m in spec.methods},
+        "options": spec.options,
         "code": code_version(),
     }
-    cache = CaseCache(cache_dir)
-    for case in cases:
-        case.key = content_key({**base, "prompt": case.item.prompt, "seed": case.seed,
-                                "words": case.item.words})
-    todo = [c for c in cases if cache.load(c.key) is None]
-    if todo and pipe is None:
-        from ..models import load
-
-        pipe = load(spec.model, scheduler=spec.sampler.scheduler, dtype=spec.dtype, device=spec.device)
-    n_computed = 0
-    with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
-        bar.update(len(cases) - len(todo))
-        for case in todo:
-            _compute_case(pipe, spec, case, methods, stats, cache)
-            n_computed += 1
-            bar.update(1)
-    dirs = [cache.path(c.key) for c in cases]
+    n_computed, dirs = run_cases(spec, cases, base, cache_dir, pipe, progress,
+                                 lambda p, case: _compute_case(p, spec, case, methods, stats))
     results, samples = _score(spec, cases, dirs)
     labels = {"methods": [m.label for m in spec.methods], "metrics": [m.label for m in spec.metrics]}
     values = {k: r.value for k, r in results.items()}
@@ -133,7 +119,30 @@ def run_suite(
     return SuiteResult(spec, results, claims, cases, dirs, n_computed, samples)
 
 
-def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict, stats: list[str], cache: CaseCache) -> None:
+def run_cases(spec: SuiteSpec, cases: list[Case], base: dict, cache_dir: str | Path, pipe, progress: bool,
+              compute) -> tuple[int, list[Path]]:
+    """Key every case (``base`` + prompt, seed, words and a digest of its masks), compute the
+    missing ones with ``compute(pipe, case) -> files`` and store each atomically; the pipeline is
+    loaded only when something is missing. Returns (number computed, entry folders)."""
+    cache = CaseCache(cache_dir)
+    for case in cases:
+        digests = {w: hashlib.sha256(np.packbits(m).tobytes()).hexdigest()[:16] for w, m in case.item.masks.items()}
+        case.key = content_key({**base, "prompt": case.item.prompt, "seed": case.seed, "words": case.item.words,
+                                "masks": digests})
+    todo = [c for c in cases if cache.load(c.key) is None]
+    if todo and pipe is None:
+        from ..models import load
+
+        pipe = load(spec.model, scheduler=spec.sampler.scheduler, dtype=spec.dtype, device=spec.device)
+    with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
+        bar.update(len(cases) - len(todo))
+        for case in todo:
+            cache.store(case.key, compute(pipe, case))
+            bar.update(1)
+    return len(todo), [cache.path(c.key) for c in cases]
+
+
+def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict, stats: list[str]) -> dict:
     from ..trace import generate
 
     s = spec.sampler
@@ -152,7 +161,7 @@ def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict, stats: list[
     from .protocols import case_masks
 
     masks = {w: m.astype(np.uint8) for w, m in case_masks(spec, case.item, gen.images[0]).items()}
-    cache.store(case.key, {"image.png": gen.images[0], "maps.npz": maps, "masks.npz": masks, "case.json": meta})
+    return {"image.png": gen.images[0], "maps.npz": maps, "masks.npz": masks, "case.json": meta}
 
 
 def load_case_attribution(case_dir: Path, method: str) -> Attribution:
