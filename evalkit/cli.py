@@ -10,18 +10,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .methods import UnknownMethodError, available_methods, create_method, get_method_class
-from .trace import PromptTooLongError, WordNotFoundError, tokenize_prompt
-
-#: Errors that mean "the input was wrong": reported in one line, exit code 2.
-INPUT_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    KeyError,
-    FileNotFoundError,
-    UnknownMethodError,
-    WordNotFoundError,
-    PromptTooLongError,
-)
+#: Errors that mean "the input was wrong": reported in one line, exit code 2. evalkit's own input
+#: errors (unknown method or metric, word not in prompt, malformed suite, missing mask, model not
+#: found) subclass these. torch is imported only by the commands that need it.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
 
 
 def _parse_value(text: str):
@@ -57,6 +49,8 @@ def _split(text: str | None) -> list[str]:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """Print one line per registered attribution method."""
+    from .methods import available_methods
+
     methods = available_methods()
     width = max(len(n) for n in methods)
     for name, summary in methods.items():
@@ -71,8 +65,9 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .methods import create_method, get_method_class
     from .models import load
-    from .trace import generate
+    from .trace import generate, tokenize_prompt
 
     method_names = _split(args.methods)
     if not method_names:
@@ -143,7 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     result, _ = execute(args.suite, overrides=overrides or None, limit=args.limit, cache_dir=args.cache_dir,
                         reports_dir=args.reports_dir, tracking=not args.no_mlflow, tracking_uri=args.tracking_uri,
-                        methods=_split(args.methods) or None, progress=not args.quiet)
+                        methods=_split(args.methods) or None, progress=not args.quiet,
+                        plugins=_split(args.plugins) or None)
     return 0 if result.passed else 1
 
 
@@ -206,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="override the suite's model (built-in, folder or hub id)")
     p.add_argument("--device", default=None)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N data items")
-    p.add_argument("--methods", default=None, help="comma-separated subset of the suite's methods")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of the suite's rows: method ids, or a protocol suite's variant ids")
     p.add_argument("--cache-dir", default=".cache/evalkit")
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")

@@ -43,6 +43,18 @@ def test_mean_ci95_is_the_student_t_interval():
     assert mean_ci95([1.0, math.nan, 3.0])[0] == 2.0  # NaNs ignored
 
 
+@pytest.mark.parametrize("hits", [0, 1, 2, 5])
+def test_mean_ci95_of_hit_rates_is_the_wilson_interval(hits):
+    from scipy import stats
+
+    x = [1.0] * hits + [0.0] * (5 - hits)
+    mean, (lo, hi) = mean_ci95(x)
+    ref = stats.binomtest(hits, 5).proportion_ci(0.95, method="wilson")
+    assert mean == hits / 5
+    assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    assert 0.0 <= lo <= mean <= hi <= 1.0
+
+
 def test_pooled_ci95_is_seeded_and_brackets_the_value():
     num, den = [1, 90, 5, 30], [2, 100, 20, 31]
     value, ci = pooled_ci95(num, den)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,8 +42,8 @@ def runs(tiny_pipe, tmp_path_factory):
     out = {}
     for name in ROWS:
         spec = _spec(name)
-        if name == "steering-adherence":  # plus HRV strengthening with a synthetic HRV file for tiny-sd
-            variants = [*(v.model_dump() for v in spec.variants),
+        if name == "steering-adherence":  # HRV strengthening with a synthetic HRV file for tiny-sd
+            variants = [*(v.model_dump() for v in spec.variants if v.params.get("steering") != "hrv"),
                         {"id": "hrv", "params": {"steering": "hrv", "hrv": str(hrv)}}]
             spec = _spec(name, variants=variants)
         with pytest.warns(UserWarning) if name == "steering-adherence" else _nullcontext():
@@ -258,3 +259,13 @@ def _as_eval_item(item):
     from evalkit.suites.data import EvalItem
 
     return EvalItem(id=str(item.index), prompt=item.prompt, seed=item.seed, masks=item.masks())
+
+
+def test_hrv_model_resolves_the_running_models_vectors():
+    from evalkit.builtin_models import BUILTIN_MODELS
+    from evalkit.suites.protocols import model_hrv
+
+    assert model_hrv("shapesworld") == str(Path(BUILTIN_MODELS["shapesworld"]) / "hrv.json")
+    assert model_hrv("CompVis/stable-diffusion-v1-4") == "sd14"
+    with pytest.raises(ValueError, match="variant 'hrv-strengthening': no head relevance vectors .* 'tiny-sd'"):
+        model_hrv("tiny-sd", "hrv-strengthening")

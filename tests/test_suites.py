@@ -209,3 +209,16 @@ def test_changing_the_mask_source_invalidates_cached_cases(tmp_path, tiny_pipe):
     other = run_suite(spec.model_copy(update={"options": {"masks": "generated"}}), cache_dir=tmp_path / "c",
                       progress=False, pipe=tiny_pipe)
     assert (first.n_computed, again.n_computed, other.n_computed) == (3, 0, 3)
+
+
+def test_methods_filter_selects_variants_of_protocol_suites_and_their_claims():
+    from evalkit.suites import select_methods
+
+    spec = select_methods(load_suite("head-removal"), ["none", "top-5"])
+    assert [v.id for v in spec.variants] == ["none", "top-5"]
+    assert spec.expect == ["none.specificity > top-5.specificity"]  # claims about random-5 are dropped
+    with pytest.raises(SuiteError, match="no variant 'top5'; did you mean 'top-5'"):
+        select_methods(load_suite("head-removal"), ["top5"])
+    task = select_methods(load_suite("task-a"), ["daam", "hrv-30"])
+    assert [m.label for m in task.methods] == ["daam", "hrv-30"]
+    assert task.expect == ["daam.miou-inf@0.4 > 0.2", "hrv-30.miou-inf@0.4 >= daam.miou-inf@0.4"]

@@ -31,6 +31,7 @@ from .base import (
     MetricUnavailableError,
     mean_ci95,
     pooled_ci95,
+    wilson_ci95,
 )
 from .coco import COCO80_CLASSES, SYNONYMS, coco_class, is_coco_class
 from .grounding import (
@@ -124,6 +125,7 @@ __all__ = [
     "load_aesthetic_head",
     "load_open_clip",
     "mean_ci95",
+    "wilson_ci95",
     "normalized_entropy",
     "pearson",
     "pointing_game",

@@ -79,11 +79,13 @@ class MetricResult:
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
-    """Mean of the finite ``values`` and its two-sided 95% Student-t confidence interval.
+    """Mean of the finite ``values`` and its two-sided 95% confidence interval.
 
     CI = mean ± t(0.975, n-1) · s / sqrt(n), with s the sample standard deviation (ddof=1). None for
     n < 2. (DAAM's own evaluator prints 1.96 · population std / sqrt(n); the t-interval is slightly
-    wider for small n and equal in the limit.) Non-finite values are ignored.
+    wider for small n and equal in the limit.) When every value is 0 or 1 (hit rates: pointing game,
+    all-objects-present) the mean is a proportion and the CI is the Wilson score interval, which stays
+    inside [0, 1] and keeps its coverage at small n. Non-finite values are ignored.
     """
     x = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
     if x.size == 0:
@@ -91,10 +93,21 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float] | Non
     mean = float(x.mean())
     if x.size < 2:
         return mean, None
+    if np.isin(x, (0.0, 1.0)).all():
+        return mean, wilson_ci95(int(x.sum()), int(x.size))
     from scipy.stats import t as student_t
 
     half = float(student_t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     return mean, (mean - half, mean + half)
+
+
+def wilson_ci95(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion ``successes / n`` (z = 1.959964)."""
+    z = 1.959963984540054
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def pooled_ci95(

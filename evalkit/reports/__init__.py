@@ -37,7 +37,7 @@ def write_report(result, rows: list[dict], figures: list[Path], root: str | Path
     out = Path(root) / spec.name / stamp
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {spec.name}", "", spec.description.strip(), "",
-             f"model `{spec.model}`, {len(result.cases)} cases, sampler {spec.sampler.model_dump()}", "",
+             f"model `{spec.model}`, {result.n_cases} cases, sampler {spec.sampler.model_dump()}", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
     lines += ["", "## Claims", ""]

@@ -4,15 +4,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cache import CaseCache, content_key
 from .claims import Claim, ClaimOutcome, evaluate, parse_claim
-from .loader import SUITES_DIR, SuiteError, find_suite, list_suites, load_suite
-from .runner import SuiteResult, result_rows, run_suite, save_image_grid
+from .loader import SUITES_DIR, SuiteError, find_suite, list_suites, load_suite, suite_data
 from .schema import DataSpec, MethodSpec, MetricSpec, SamplerSpec, SuiteSpec
 
+if TYPE_CHECKING:
+    from .runner import SuiteResult
 
-def print_summary(result: SuiteResult, rows: list[dict]) -> None:
+#: Names served lazily from .runner (it imports torch; a stored rerun never needs it).
+_RUNNER_NAMES = ("SuiteResult", "result_rows", "run_suite", "save_image_grid")
+
+
+def __getattr__(name: str):
+    if name in _RUNNER_NAMES:
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def print_summary(result, rows: list[dict]) -> None:
     """The result table, then the claims as a pytest-like summary."""
     import sys
 
@@ -22,7 +36,7 @@ def print_summary(result: SuiteResult, rows: list[dict]) -> None:
     from ..reports import HEADER, table_rows
 
     console = Console(width=None if sys.stdout.isatty() else 130)  # logs and pipes get the whole table
-    table = Table(title=f"{result.spec.name}: {len(result.cases)} cases ({result.n_computed} computed)")
+    table = Table(title=f"{result.spec.name}: {result.n_cases} cases ({result.n_computed} computed)")
     for h in HEADER:
         table.add_column(h, no_wrap=True)
     for r in table_rows(rows):
@@ -47,54 +61,99 @@ def execute(
     tracking_uri: str | None = None,
     progress: bool = True,
     methods: list[str] | None = None,
-) -> tuple[SuiteResult, Path]:
-    """Load, run, print, log to MLflow and write the report; returns the result and report folder."""
+    plugins: list[str] | None = None,
+):
+    """Load, run, print, log to MLflow and write the report; returns the result and report folder.
+
+    An invocation identical to a finished one (same resolved suite, limit, methods, code, model,
+    data files and library versions; see :mod:`evalkit.suites.store`) whose MLflow runs are intact
+    is read back from the store: the table, claims and a fresh report, with nothing recomputed."""
+    from .store import invocation_key, load_result, mlflow_up_to_date, save_result
+
+    cache_dir = Path(cache_dir)
+    state_file = cache_dir / "mlflow-runs.json"
+    key = invocation_key(suite_data(suite, overrides), limit=limit, methods=methods, plugins=plugins)
+    if key is not None:
+        stored = _stored(suite, overrides, methods, cache_dir, key, load_result)
+        uri = None
+        if stored is not None and tracking:
+            from ..tracking import default_tracking_uri
+
+            uri = tracking_uri or default_tracking_uri()
+        if stored is not None and (not tracking or mlflow_up_to_date(uri, state_file, stored.mlflow_key)):
+            print_summary(stored, stored.rows)
+            report = _write(stored, stored.rows, stored.figures, reports_dir)
+            print(f"nothing recomputed: results of an identical invocation ({key[:12]})"
+                  + (f"; MLflow runs in {uri} already hold them" if tracking else ""))
+            print(f"report: {report / 'report.md'}")
+            return stored, report
+    from .runner import result_rows, run_suite, save_image_grid
+
     spec = load_suite(suite, overrides)
     if methods:
         spec = select_methods(spec, methods)
     result = run_suite(spec, cache_dir=cache_dir, limit=limit, progress=progress)
     rows = result_rows(result)
     print_summary(result, rows)
-    cache_dir = Path(cache_dir)
     figures = list(result.figures)  # protocol suites bring their own figures
     if spec.protocol == "attribution":
-        key = content_key([c.key for c in result.cases])[:12]
-        grid = cache_dir / "figures" / spec.name / f"overlays-{key}.png"
+        case_key = content_key([c.key for c in result.cases])[:12]
+        grid = cache_dir / "figures" / spec.name / f"overlays-{case_key}.png"
         if not grid.is_file():  # depends only on the cases: a rerun reuses it
             save_image_grid(result, grid)
         figures.insert(0, grid)
     report = _write(result, rows, figures, reports_dir)
+    mlflow_key = content_key({"spec": spec.model_dump(), "limit": limit, "cases": [c.key for c in result.cases]})
+    if key is not None:  # before logging: an interrupted log is finished by the next (fast) invocation
+        save_result(cache_dir, key, result, rows, figures, mlflow_key)
     if tracking:
         from ..tracking import log_suite
 
-        key = content_key({"spec": spec.model_dump(), "limit": limit, "cases": [c.key for c in result.cases]})
-        log_suite(result, invocation_key=key, state_file=cache_dir / "mlflow-runs.json", tracking_uri=tracking_uri,
+        log_suite(result, invocation_key=mlflow_key, state_file=state_file, tracking_uri=tracking_uri,
                   artifacts=[report / "report.md", report / "report.html", report / "results.json", *figures],
                   samples_table=result.samples)
     print(f"report: {report / 'report.md'}")
     return result, report
 
 
+def _stored(suite, overrides, methods, cache_dir, key, load_result):
+    """The stored invocation ``key`` with its validated spec, or None."""
+    from pydantic import ValidationError
+
+    try:
+        spec = SuiteSpec.model_validate(suite_data(suite, overrides))
+    except ValidationError:
+        return None  # never stored; the full path reports the error with file and line
+    if methods:
+        spec = select_methods(spec, methods)
+    return load_result(cache_dir, key, spec)
+
+
 def select_methods(spec: SuiteSpec, wanted: list[str]) -> SuiteSpec:
-    """Keep only the named method configurations (by id or method name) and the claims about them."""
+    """Keep only the named rows and the claims about them: method configurations (by id or method
+    name) of an attribution suite, variants (by id) of a protocol suite."""
     import difflib
 
-    labels = [m.label for m in spec.methods]
-    names = {m.name for m in spec.methods}
+    rows = spec.row_labels()
+    names = set() if spec.variants else {m.name for m in spec.methods}
+    kind = "variant" if spec.variants else "method"
     for w in wanted:
-        if w not in labels and w not in names:
-            close = difflib.get_close_matches(w, labels, n=1, cutoff=0.5)
+        if w not in rows and w not in names:
+            close = difflib.get_close_matches(w, rows, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise SuiteError(f"--methods: suite {spec.name!r} has no method {w!r}{hint} (it has {labels})")
-    kept = [m for m in spec.methods if m.label in wanted or m.name in wanted]
-    keep_labels = {m.label for m in kept}
-    lab = {"methods": labels, "metrics": [m.label for m in spec.metrics]}
+            raise SuiteError(f"--methods: suite {spec.name!r} has no {kind} {w!r}{hint} (it has {rows})")
+    if spec.variants:
+        update: dict = {"variants": [v for v in spec.variants if v.id in wanted]}
+    else:
+        update = {"methods": [m for m in spec.methods if m.label in wanted or m.name in wanted]}
+    keep = {v.id for v in update["variants"]} if spec.variants else {m.label for m in update["methods"]}
+    lab = {"methods": rows, "metrics": [m.label for m in spec.metrics]}
     claims = []
     for text in spec.expect:
         c = parse_claim(text, lab)
-        if all(side.method is None or side.method in keep_labels for side in (c.left, c.right)):
+        if all(side.method is None or side.method in keep for side in (c.left, c.right)):
             claims.append(text)
-    return spec.model_copy(update={"methods": kept, "expect": claims})
+    return spec.model_copy(update={**update, "expect": claims})
 
 
 def _write(result, rows, figures, reports_dir):
@@ -126,4 +185,5 @@ __all__ = [
     "result_rows",
     "run_suite",
     "save_image_grid",
+    "suite_data",
 ]

@@ -70,14 +70,16 @@ class CaseCache:
                 suffix = target.suffix
                 if suffix not in SAFE_SUFFIXES:
                     raise ValueError(f"refusing to cache {name!r}: only {sorted(SAFE_SUFFIXES)} are stored")
-                if suffix == ".json":
+                if isinstance(content, bytes):
+                    target.write_bytes(content)
+                elif suffix == ".json":
                     target.write_text(json.dumps(content, indent=1, default=_json_default))
                 elif suffix == ".npz":
                     np.savez_compressed(target, **content)
                 elif suffix == ".png":
                     content.save(target)
                 else:
-                    target.write_bytes(content)
+                    raise ValueError(f"cannot cache {name!r}: pass bytes for {suffix} files")
                 digests[name] = _sha(target)
             (tmp / "entry.json").write_text(json.dumps({"key": key, "files": digests}, indent=1))
             if final.exists():

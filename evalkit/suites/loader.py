@@ -125,13 +125,23 @@ def _allowed_fields(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def load_suite(name_or_path: str, overrides: dict | None = None) -> SuiteSpec:
-    """Parse, merge includes, apply ``overrides`` and validate; then check method and metric names."""
-    path = find_suite(name_or_path)
+def suite_data(name_or_path: str, overrides: dict | None = None) -> dict:
+    """The suite's mapping after ``include:`` and ``overrides``, not yet validated (cheap: YAML only)."""
+    return _data(find_suite(name_or_path), overrides)[0]
+
+
+def _data(path: Path, overrides: dict | None) -> tuple[dict, dict]:
     data, origins = _resolve(path)
     data.setdefault("name", path.stem)
     if overrides:
         data = _merge(data, overrides)
+    return data, origins
+
+
+def load_suite(name_or_path: str, overrides: dict | None = None) -> SuiteSpec:
+    """Parse, merge includes, apply ``overrides`` and validate; then check method and metric names."""
+    path = find_suite(name_or_path)
+    data, origins = _data(path, overrides)
     try:
         spec = SuiteSpec.model_validate(data)
     except ValidationError as err:
@@ -154,6 +164,7 @@ def load_suite(name_or_path: str, overrides: dict | None = None) -> SuiteSpec:
 def _check_names(spec: SuiteSpec, origins, path: Path) -> None:
     from ..methods import get_method_class
     from ..metrics import get_metric_class
+    from . import protocols  # noqa: F401  (registers the protocol suites' methods and metrics)
 
     for i, m in enumerate(spec.methods):
         try:

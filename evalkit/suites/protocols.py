@@ -47,7 +47,8 @@ have no mask). Figures: POS head-spike heat maps, top heads per POS, the first c
 
 ``steering-adherence`` (Task B, Tables 2-3; variant params: ``steering`` = ``none`` | ``value`` |
 ``hrv``; value: ``alpha`` (2.0), ``k`` (5), ``steps`` (the first N UNet calls, default half of the
-sampler's steps); hrv: ``hrv`` (an HRV JSON file; without one the variant is skipped with a message)).
+sampler's steps); hrv: ``hrv`` (an HRV JSON file, ``sd14``, or ``model`` for the running model's own vectors; without
+one the variant is skipped with a message)).
 Value steering scales each object noun's value vectors in its top-k heads by S(h, i)
 (:meth:`ValueSteering.from_sensitivity`); HRV strengthening rescales the noun's attention by its
 concept's HRV (:class:`ConceptRescaling`). Adherence per image: ``checker-full-prompt`` (1 when every
@@ -758,6 +759,20 @@ def object_prompts(prompt: str) -> list[str]:
     return parts or [prompt]
 
 
+def model_hrv(model: str, variant: str = "hrv") -> str:
+    """The head relevance vectors of ``model`` (``hrv: model`` in a suite): a built-in model's or a local
+    folder's ``hrv.json``, the shipped vectors for SD v1.4; other models need an explicit file."""
+    from ..builtin_models import BUILTIN_MODELS
+
+    folder = Path(BUILTIN_MODELS.get(model, model))
+    if (folder / "hrv.json").is_file():
+        return str(folder / "hrv.json")
+    if "stable-diffusion-v1-4" in model:
+        return "sd14"
+    raise ValueError(f"variant {variant!r}: no head relevance vectors are known for model {model!r}; set "
+                     "params.hrv to an HRV JSON built with evalkit.analysis.build_hrv (or 'sd14')")
+
+
 def _hrv_concept(hrv, word: str) -> str | None:
     if word in hrv.vectors:
         return word
@@ -805,6 +820,8 @@ def _steer_compute(pipe, spec, case, variants, method, stats):
             if not path:
                 info[v.id] = {"skipped": "no HRV configured"}
                 continue
+            if path == "model":
+                path = model_hrv(spec.model, v.id)
             from ..methods import HeadRelevance
 
             hrv = HeadRelevance.load(path)

@@ -24,6 +24,7 @@ from .cache import CaseCache, content_key, read_json
 from .claims import ClaimOutcome, evaluate, parse_claim
 from .data import EvalItem, load_items
 from .schema import SuiteSpec
+from .store import model_fingerprint
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -35,21 +36,6 @@ def code_version() -> str:
         for f in sorted((PACKAGE / sub).glob("*.py")):
             h.update(f.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"
-
-
-def model_fingerprint(model: str) -> str:
-    """A model id plus, for local folders, a hash of its configs and weight-file sizes."""
-    from ..builtin_models import BUILTIN_MODELS
-
-    path = Path(BUILTIN_MODELS.get(model, model))
-    if not path.is_dir():
-        return model
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(path)).encode())
-            h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
-    return f"{model}@{h.hexdigest()[:12]}"
 
 
 @dataclass
@@ -77,6 +63,10 @@ class SuiteResult:
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.claims)
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.cases)
 
 
 def _cases(spec: SuiteSpec, items: list[EvalItem]) -> list[Case]:

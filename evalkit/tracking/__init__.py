@@ -120,6 +120,8 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
     for name, rid in ids.items():
         if name != "parent":
             client.set_terminated(rid, "FINISHED")
+    state.data.setdefault("_complete", {})[invocation_key] = parent  # everything is logged
+    state.put(invocation_key, known)
     return ids
 
 

@@ -1,0 +1,240 @@
+"""Finished suite invocations: their table, claims and figures, stored under a key of everything that
+shapes them (resolved suite, limit, method filter, evalkit source, model, data files, library versions,
+plugin source). Repeating an invocation reads the record back: nothing is recomputed, and neither
+torch nor MLflow is imported, so a rerun costs a fraction of a second instead of a re-score.
+
+Keys are deliberately broad: any change to evalkit's code or to a plugin's source file gives a new key
+(the per-case cache still spares the generations), so a stored result can never hide a code change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sqlite3
+import sys
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, entry_points, version
+from pathlib import Path
+
+from .cache import CaseCache, content_key
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+#: Methods and metrics defined inside evalkit (covered by :func:`package_digest`); any other name
+#: must resolve to a source file (plugin module or entry point) or the invocation is not stored.
+BUILTIN_METHODS = frozenset({"daam", "raw-attn", "norm", "norm-sq", "hrv-selective", "norm-heads-only",
+                             "norm-timesteps-only"})
+BUILTIN_METRICS = frozenset({
+    "iou", "miou80", "miou-inf", "miou-best-tau", "pointing-game", "relevance-mass", "relevance-rank",
+    "top-k-intersection", "specificity", "shift", "stability", "variance", "noise", "grounding-loss",
+    "clip-full-prompt", "clip-min-object", "clip-score", "aesthetic", "avg-kl", "checker-full-prompt",
+    "checker-mos",
+})
+#: Libraries whose versions can change a number.
+LIBRARIES = ("torch", "diffusers", "transformers", "numpy", "scipy", "pycocotools", "open_clip_torch", "spacy")
+RECORD = "result.json"
+
+
+def package_digest() -> str:
+    """sha256 over every evalkit source file (path and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted(PACKAGE.rglob("*.py")):
+        h.update(str(f.relative_to(PACKAGE)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: str) -> str:
+    """A model id plus, for local folders, a hash of its configs and weight-file sizes."""
+    from ..builtin_models import BUILTIN_MODELS
+
+    path = Path(BUILTIN_MODELS.get(model, model))
+    if not path.is_dir():
+        return model
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+    return f"{model}@{h.hexdigest()[:12]}"
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """Content hash of a file; (name, size, mtime) of every file under a folder; "missing" otherwise."""
+    p = Path(path)
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    if p.is_dir():
+        stats = [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*"))
+                 if f.is_file()]
+        return content_key(stats)
+    return "missing"
+
+
+def _module_source(module: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return origin if origin and Path(origin).is_file() else None
+
+
+def _external_source(name: str, group: str, registry_module: str) -> str | None:
+    """Source file of a method/metric that is not built in: the class registered in this process, or
+    the module its entry point names. None when it cannot be found (then nothing is stored)."""
+    reg = sys.modules.get(registry_module)
+    cls = getattr(reg, "_REGISTRY", {}).get(name) if reg is not None else None
+    if cls is not None:
+        module = sys.modules.get(cls.__module__)
+        origin = getattr(module, "__file__", None)
+        return origin if origin and Path(origin).is_file() else None
+    for ep in entry_points(group=group):
+        if ep.name == name:
+            return _module_source(ep.module)
+    return None
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def invocation_key(data: dict, *, limit: int | None, methods: list[str] | None,
+                   plugins: list[str] | None = None) -> str | None:
+    """The key of a suite invocation (``data``: the resolved suite mapping), or None when some code it
+    runs cannot be fingerprinted (then the invocation always runs through the case cache)."""
+    code: dict[str, str] = {"evalkit": package_digest()}
+    for module in plugins or []:
+        src = _module_source(module)
+        if src is None:
+            return None
+        code[f"plugin:{module}"] = path_fingerprint(src)
+    kinds = (("methods", BUILTIN_METHODS, "evalkit.methods", "evalkit.methods.registry"),
+             ("metrics", BUILTIN_METRICS, "evalkit.metrics", "evalkit.metrics.registry"))
+    for section, builtin, group, registry in kinds:
+        for entry in data.get(section) or []:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                return None
+            if name in builtin:
+                continue
+            src = _external_source(name, group, registry)
+            if src is None:
+                return None
+            code[f"{section}:{name}"] = path_fingerprint(src)
+    data_spec = data.get("data") or {}
+    files = {}
+    if isinstance(data_spec, dict) and data_spec.get("path"):
+        files["data"] = path_fingerprint(data_spec["path"])
+    model = data.get("model")
+    return content_key({"suite": data, "limit": limit, "methods": sorted(methods or []), "code": code,
+                        "model": model_fingerprint(model) if isinstance(model, str) else model, "files": files,
+                        "libraries": _versions()})
+
+
+@dataclass
+class StoredClaim:
+    """A claim outcome as it was judged (the same ``line()`` and ``passed`` as a live one)."""
+
+    text: str
+    passed: bool
+
+    def line(self) -> str:
+        return self.text
+
+
+@dataclass
+class StoredResult:
+    """A finished invocation read back: what the summary, the report and ``cmd_run`` need."""
+
+    spec: object  # SuiteSpec
+    rows: list[dict]
+    claims: list[StoredClaim]
+    n_cases: int
+    figures: list[Path]
+    mlflow_key: str
+    key: str
+    n_computed: int = 0
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.claims)
+
+
+def _cache(cache_dir: str | Path) -> CaseCache:
+    return CaseCache(Path(cache_dir) / "suites")
+
+
+def save_result(cache_dir: str | Path, key: str, result, rows: list[dict], figures: list[Path],
+                mlflow_key: str) -> Path:
+    """Store a finished invocation atomically (record + figure files, sha256-checked on load)."""
+    names: list[str] = []
+    files: dict[str, object] = {}
+    for i, f in enumerate(figures):
+        name = f.name if f.name not in files and f.suffix == ".png" else f"{i}-{f.stem}.png"
+        files[name] = Path(f).read_bytes()
+        names.append(name)
+    files[RECORD] = {"rows": rows, "claims": [[c.line(), bool(c.passed)] for c in result.claims],
+                     "n_cases": result.n_cases, "figures": names, "mlflow_key": mlflow_key}
+    return _cache(cache_dir).store(key, files)
+
+
+def load_result(cache_dir: str | Path, key: str, spec) -> StoredResult | None:
+    """The stored invocation ``key`` (intact), or None."""
+    d = _cache(cache_dir).load(key)
+    if d is None:
+        return None
+    rec = json.loads((d / RECORD).read_text())
+    return StoredResult(spec=spec, rows=rec["rows"], claims=[StoredClaim(t, p) for t, p in rec["claims"]],
+                        n_cases=rec["n_cases"], figures=[d / n for n in rec["figures"]],
+                        mlflow_key=rec["mlflow_key"], key=key)
+
+
+def mlflow_up_to_date(uri: str, state_file: Path, mlflow_key: str) -> bool:
+    """True when the invocation was logged completely and its runs are still active in the store at
+    ``uri``; checked without importing MLflow (SQLite query or one REST call per run). Other store
+    kinds answer False, so the caller logs through MLflow (which skips what the runs already hold)."""
+    try:
+        state = json.loads(Path(state_file).read_text())
+    except (OSError, ValueError):
+        return False
+    if mlflow_key not in state.get("_complete", {}):
+        return False
+    ids = [rid for name, rid in state.get(mlflow_key, {}).items()]
+    if not ids:
+        return False
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            return False
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+                marks = ",".join("?" * len(ids))
+                rows = con.execute(f"SELECT run_uuid FROM runs WHERE run_uuid IN ({marks}) "
+                                   "AND lifecycle_stage = 'active'", ids).fetchall()
+        except sqlite3.Error:
+            return False
+        return len(rows) == len(ids)
+    if uri.startswith(("http://", "https://")):
+        for rid in ids:
+            q = urllib.parse.urlencode({"run_id": rid})
+            try:
+                with urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/runs/get?{q}", timeout=5) as r:
+                    info = json.loads(r.read())["run"]["info"]
+            except (OSError, ValueError, KeyError):
+                return False
+            if info.get("lifecycle_stage") != "active":
+                return False
+        return True
+    return False
