@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from evalkit.suites import suite_data
 from evalkit.suites.store import BUILTIN_METHODS, BUILTIN_METRICS, invocation_key, mlflow_up_to_date
 
@@ -137,3 +139,27 @@ def test_identical_rerun_reads_the_store_without_torch_or_mlflow(tmp_path):
     changed = _cli(tmp_path, suite, "--methods", "daam", "--no-mlflow")
     assert changed.returncode == 0 and "nothing recomputed" not in changed.stdout
     assert [r for r in _rows(tmp_path) if r["method"] == "daam"] == [r for r in rows if r["method"] == "daam"]
+
+
+def test_a_plugin_method_runs_in_a_suite_next_to_the_builtins_in_mlflow(tmp_path):
+    """The README's flow: `evalkit --plugins up_attn run SUITE` with `- name: up-attn` in the suite."""
+    suite = _suite(tmp_path, SUITE.replace("  - name: raw-attn", "  - name: up-attn"))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root / "examples")}
+    cmd = [sys.executable, "-m", "evalkit.cli", "--plugins", "up_attn", "run", str(suite), "--cache-dir",
+           str(tmp_path / "cache"), "--reports-dir", str(tmp_path / "reports"), "--tracking-uri",
+           f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"]
+    runs = [subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env) for _ in "ab"]
+    for r in runs:
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "nothing recomputed" not in runs[0].stdout and "nothing recomputed" in runs[1].stdout
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("evalkit/tiny-store")
+    found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(found) == {"tiny-store", "daam", "up-attn"}
+    parent = found["tiny-store"].info.run_id
+    assert found["up-attn"].data.tags["mlflow.parentRunId"] == parent == found["daam"].data.tags["mlflow.parentRunId"]
+    row = next(r for r in _rows(tmp_path) if r["method"] == "up-attn" and r["metric"] == "miou-inf@0.4")
+    assert found["up-attn"].data.metrics["miou-inf_tau0.4"] == pytest.approx(row["value"])
