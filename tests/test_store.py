@@ -60,6 +60,13 @@ def test_invocation_key_covers_what_shapes_the_results(tmp_path):
     k1 = invocation_key(with_file, limit=None, methods=None)
     coco.write_text('{"images": []}')
     assert k1 != invocation_key(with_file, limit=None, methods=None)
+    # so is any other file the suite names, e.g. an HRV file in a method's parameters
+    hrv = tmp_path / "my-hrv.json"
+    hrv.write_text("{}")
+    with_hrv = {**data, "methods": [{"name": "hrv-selective", "params": {"hrv": str(hrv)}}]}
+    k3 = invocation_key(with_hrv, limit=None, methods=None)
+    hrv.write_text('{"heads": []}')
+    assert k3 != invocation_key(with_hrv, limit=None, methods=None)
     # a plugin's source file is part of the key; an unknown plugin or method disables storing
     plugin = tmp_path / "my_plugin_mod.py"
     plugin.write_text("X = 1\n")

@@ -21,9 +21,12 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=16)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(Path(BUILTIN_MODELS["shapesworld"]) / "hrv.json"))
+    ap.add_argument("--model", default="shapesworld", help="the built-in name or a trained pipeline folder")
+    ap.add_argument("--out", default=None, help="default: hrv.json in the model's folder")
     args = ap.parse_args()
-    pipe = load("shapesworld")
+    folder = Path(BUILTIN_MODELS.get(args.model, args.model))
+    args.out = args.out or str(folder / "hrv.json")
+    pipe = load(args.model)
     concepts = {
         "Shapes": list(SHAPES),
         "Colors": list(COLORS),

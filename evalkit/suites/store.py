@@ -75,6 +75,27 @@ def path_fingerprint(path: str | Path) -> str:
     return "missing"
 
 
+def referenced_files(data, where: str = "") -> dict[str, Path]:
+    """Every string in the suite mapping that names an existing file or folder (as given, or relative
+    to ``suites/``): data files, prompt lists, HRV files in method parameters."""
+    from .loader import SUITES_DIR
+
+    out: dict[str, Path] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(referenced_files(v, f"{where}.{k}" if where else str(k)))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            out.update(referenced_files(v, f"{where}[{i}]"))
+    elif (isinstance(data, str) and data.strip("./") and len(data) < 1024 and "\n" not in data
+          and ("/" in data or "." in data)):
+        for cand in (Path(data), SUITES_DIR / data):
+            if cand.exists():
+                out[where] = cand
+                break
+    return out
+
+
 def _module_source(module: str) -> str | None:
     try:
         spec = importlib.util.find_spec(module)
@@ -132,10 +153,7 @@ def invocation_key(data: dict, *, limit: int | None, methods: list[str] | None,
             if src is None:
                 return None
             code[f"{section}:{name}"] = path_fingerprint(src)
-    data_spec = data.get("data") or {}
-    files = {}
-    if isinstance(data_spec, dict) and data_spec.get("path"):
-        files["data"] = path_fingerprint(data_spec["path"])
+    files = {ref: path_fingerprint(path) for ref, path in referenced_files(data).items()}
     model = data.get("model")
     return content_key({"suite": data, "limit": limit, "methods": sorted(methods or []), "code": code,
                         "model": model_fingerprint(model) if isinstance(model, str) else model, "files": files,
