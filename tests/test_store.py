@@ -170,3 +170,17 @@ def test_a_plugin_method_runs_in_a_suite_next_to_the_builtins_in_mlflow(tmp_path
     assert found["up-attn"].data.tags["mlflow.parentRunId"] == parent == found["daam"].data.tags["mlflow.parentRunId"]
     row = next(r for r in _rows(tmp_path) if r["method"] == "up-attn" and r["metric"] == "miou-inf@0.4")
     assert found["up-attn"].data.metrics["miou-inf_tau0.4"] == pytest.approx(row["value"])
+
+
+def test_model_fingerprint_sees_retrained_weights_of_the_same_size(tmp_path):
+    from evalkit.suites.store import model_fingerprint
+
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    before = model_fingerprint(str(tmp_path))
+    weights.write_bytes(b"\x01" * 64)  # same size, other values: a retrained model
+    retrained = model_fingerprint(str(tmp_path))
+    assert retrained != before
+    (tmp_path / "MODEL_CARD.md").write_text("notes")  # documentation does not change the model
+    assert model_fingerprint(str(tmp_path)) == retrained

@@ -48,8 +48,13 @@ def package_digest() -> str:
     return h.hexdigest()
 
 
+#: Model files up to this size are fingerprinted by content; larger ones (hub checkpoints of GBs) by
+#: size and modification time, so that a retrained model with the same shapes never reuses stale cases.
+CONTENT_HASH_LIMIT = 256 * 2**20
+
+
 def model_fingerprint(model: str) -> str:
-    """A model id plus, for local folders, a hash of its configs and weight-file sizes."""
+    """A model id plus, for local folders, a hash of its files (content; size + mtime for huge ones)."""
     from ..builtin_models import BUILTIN_MODELS
 
     path = Path(BUILTIN_MODELS.get(model, model))
@@ -57,9 +62,10 @@ def model_fingerprint(model: str) -> str:
         return model
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
-        if f.is_file():
+        if f.is_file() and f.suffix != ".png" and f.name not in ("MODEL_CARD.md", "train_log.jsonl"):
+            st = f.stat()
             h.update(str(f.relative_to(path)).encode())
-            h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+            h.update(f.read_bytes() if st.st_size <= CONTENT_HASH_LIMIT else f"{st.st_size}:{st.st_mtime_ns}".encode())
     return f"{model}@{h.hexdigest()[:12]}"
 
 
