@@ -68,9 +68,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Tracing overhead and memory benchmarks (ratios measured in one run)."""
+    """Tracing overhead and memory, then first run vs identical rerun of task-a (ratios measured in one run)."""
     ensure_env(session)
     session.run(PY, "benchmarks/bench_trace.py", *session.posargs, env=_env())
+    session.run(PY, "benchmarks/bench_rerun.py", *(["--check"] if "--check" in session.posargs else []), env=_env())
 
 
 @nox.session(name="daam-reference")

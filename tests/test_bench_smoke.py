@@ -84,3 +84,18 @@ def test_sd15_geometry_has_the_sd14_heads(bench):
     methods, source = bench.make_methods([n for layer in layers for n in layer.head_names()])
     assert set(methods) == {"daam", "raw-attn", "norm", "hrv-selective"}
     assert source.startswith("shipped sd14")
+
+
+def test_rerun_benchmark_reports_both_runs_and_the_store_hit(tmp_path):
+    """benchmarks/bench_rerun.py on a two-item tiny suite: both timings, their ratio, the store hit."""
+    spec = importlib.util.spec_from_file_location("bench_rerun", BENCH.parent / "bench_rerun.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    suite = tmp_path / "tiny-bench.yaml"
+    suite.write_text("model: tiny-sd\nsampler: {steps: 2, guidance: 7.5, height: 64, width: 64}\n"
+                     "data: {source: shapesworld, n: 2, seed: 0, size: 64}\noptions: {masks: reference}\n"
+                     "methods: [{name: daam}]\nmetrics: [{name: miou-inf, params: {tau: 0.4}}]\n")
+    res = module.run_twice(str(suite))
+    assert res["rerun_from_store"] is True
+    assert res["first_s"] > 0 and res["rerun_s"] > 0
+    assert res["ratio"] == pytest.approx(res["rerun_s"] / res["first_s"], rel=0.01, abs=1e-3)

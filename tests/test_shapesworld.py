@@ -158,3 +158,25 @@ def test_committed_model_samples_pass_the_checker(shapesworld_pipe):
     passed = [check(img, p).all_present for img, p in zip(images, prompts)]
     assert all(img.shape == (64, 64, 3) for img in images)
     assert sum(passed) >= len(passed) - 1, passed
+
+
+def test_model_card_reports_the_measured_numbers_and_verdicts():
+    """The card's target table is rendered from metrics.json (with Wilson intervals of the rates), and
+    each verdict follows from the number next to it."""
+    import json
+
+    from evalkit.builtin_models import BUILTIN_MODELS
+    from evalkit.metrics import wilson_ci95
+
+    folder = BUILTIN_MODELS["shapesworld"]
+    m = json.loads((folder / "metrics.json").read_text())
+    card = (folder / "MODEL_CARD.md").read_text()
+    for key, field, goal in (("single_object", "object_accuracy", 0.9), ("two_objects", "all_present", 0.6)):
+        value, n = m[key][field], m[key]["n_images"]
+        lo, hi = wilson_ci95(round(value * n), n)
+        row = next(line for line in card.splitlines() if f"(n={n}) | {value:.3f} [{lo:.2f}, {hi:.2f}]" in line)
+        assert row.endswith("| met |") == (value >= goal)
+    daam = m["daam"]
+    row = next(line for line in card.splitlines() if line.startswith("| `daam` mIoU"))
+    assert f"| {daam['miou']:.3f} |" in row and row.endswith("| met |") == (daam["miou"] >= 0.4)
+    assert daam["miou"] > daam["baseline_miou"]

@@ -72,15 +72,14 @@ def execute(
 
     cache_dir = Path(cache_dir)
     state_file = cache_dir / "mlflow-runs.json"
-    key = invocation_key(suite_data(suite, overrides), limit=limit, methods=methods, plugins=plugins)
-    if key is not None:
-        stored = _stored(suite, overrides, methods, cache_dir, key, load_result)
-        uri = None
-        if stored is not None and tracking:
-            from ..tracking import default_tracking_uri
+    data = suite_data(suite, overrides)
+    key = invocation_key(data, limit=limit, methods=methods, plugins=plugins)
+    stored = _stored(data, methods, cache_dir, key, load_result) if key is not None else None
+    if stored is not None:
+        from ..tracking import default_tracking_uri
 
-            uri = tracking_uri or default_tracking_uri()
-        if stored is not None and (not tracking or mlflow_up_to_date(uri, state_file, stored.mlflow_key)):
+        uri = tracking_uri or default_tracking_uri()
+        if not tracking or mlflow_up_to_date(uri, state_file, stored.mlflow_key):
             print_summary(stored, stored.rows)
             report = _write(stored, stored.rows, stored.figures, reports_dir)
             print(f"nothing recomputed: results of an identical invocation ({key[:12]})"
@@ -116,12 +115,12 @@ def execute(
     return result, report
 
 
-def _stored(suite, overrides, methods, cache_dir, key, load_result):
-    """The stored invocation ``key`` with its validated spec, or None."""
+def _stored(data: dict, methods, cache_dir, key, load_result):
+    """The stored invocation ``key`` with its validated spec (``data``: the resolved suite), or None."""
     from pydantic import ValidationError
 
     try:
-        spec = SuiteSpec.model_validate(suite_data(suite, overrides))
+        spec = SuiteSpec.model_validate(data)
     except ValidationError:
         return None  # never stored; the full path reports the error with file and line
     if methods:

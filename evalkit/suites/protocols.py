@@ -61,7 +61,6 @@ paths resolve against ``suites/``) instead of ShapesWorld items, e.g. for a hub 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 import zlib
@@ -225,10 +224,9 @@ class CheckerMinObjectScore(CheckerFullPrompt):
 # =============================================================================================
 def protocol_code_version() -> str:
     """Hash of this module and of the analysis code the protocols use (part of every case key)."""
-    h = hashlib.sha256(HERE.read_bytes())
-    for f in sorted((HERE.parents[1] / "analysis").glob("*.py")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
+    from .store import source_digest
+
+    return source_digest([HERE, *(HERE.parents[1] / "analysis").glob("*.py")])[:12]
 
 
 def _gen(pipe, spec: SuiteSpec, prompts, seeds, stats=(), interventions=()):

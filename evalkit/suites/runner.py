@@ -24,18 +24,15 @@ from .cache import CaseCache, content_key, read_json
 from .claims import ClaimOutcome, evaluate, parse_claim
 from .data import EvalItem, load_items
 from .schema import SuiteSpec
-from .store import model_fingerprint
+from .store import model_fingerprint, source_digest
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def code_version() -> str:
     """evalkit's version plus a hash of the code that shapes a case's outputs."""
-    h = hashlib.sha256(__version__.encode())
-    for sub in ("trace", "methods", "interventions", "models"):
-        for f in sorted((PACKAGE / sub).glob("*.py")):
-            h.update(f.read_bytes())
-    return f"{__version__}+{h.hexdigest()[:12]}"
+    files = [f for sub in ("trace", "methods", "interventions", "models") for f in (PACKAGE / sub).glob("*.py")]
+    return f"{__version__}+{source_digest(files)[:12]}"
 
 
 @dataclass

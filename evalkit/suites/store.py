@@ -39,13 +39,18 @@ LIBRARIES = ("torch", "diffusers", "transformers", "numpy", "scipy", "pycocotool
 RECORD = "result.json"
 
 
-def package_digest() -> str:
-    """sha256 over every evalkit source file (path and bytes)."""
+def source_digest(files) -> str:
+    """sha256 over source files (package-relative name and bytes), in sorted order."""
     h = hashlib.sha256()
-    for f in sorted(PACKAGE.rglob("*.py")):
-        h.update(str(f.relative_to(PACKAGE)).encode())
-        h.update(f.read_bytes())
+    for f in sorted(files):
+        h.update(str(Path(f).relative_to(PACKAGE)).encode())
+        h.update(Path(f).read_bytes())
     return h.hexdigest()
+
+
+def package_digest() -> str:
+    """:func:`source_digest` of every evalkit source file."""
+    return source_digest(PACKAGE.rglob("*.py"))
 
 
 #: Model files up to this size are fingerprinted by content; larger ones (hub checkpoints of GBs) by
@@ -235,7 +240,7 @@ def mlflow_up_to_date(uri: str, state_file: Path, mlflow_key: str) -> bool:
         return False
     if mlflow_key not in state.get("_complete", {}):
         return False
-    ids = [rid for name, rid in state.get(mlflow_key, {}).items()]
+    ids = list(state.get(mlflow_key, {}).values())
     if not ids:
         return False
     if uri.startswith("sqlite:///"):
