@@ -128,8 +128,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run a suite; exit 0 when every claim holds, 1 when one fails."""
+    """Run a suite; exit 0 when no claim FAILED, 1 when one did (``--strict``: or is INCONCLUSIVE)."""
     from .suites import execute
+    from .suites.claims import exit_code
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1 (the number of data items to evaluate), got {args.limit}")
 
     overrides: dict = {}
     if args.model:
@@ -140,7 +144,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                         reports_dir=args.reports_dir, tracking=not args.no_mlflow, tracking_uri=args.tracking_uri,
                         methods=_split(args.methods) or None, progress=not args.quiet,
                         plugins=_split(args.plugins) or None)
-    return 0 if result.passed else 1
+    return exit_code(result.claims, strict=args.strict)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired differences of two runs (report folders or MLflow run ids) over the items both share."""
+    from .reports.compare import compare_items, load_run_items, print_comparison
+
+    if not 0.5 < args.confidence < 1:
+        raise ValueError(f"--confidence must lie in (0.5, 1), got {args.confidence}")
+    a = load_run_items(args.a, args.tracking_uri)
+    b = load_run_items(args.b, args.tracking_uri)
+    diffs = compare_items(a, b, confidence=args.confidence)
+    print_comparison(diffs, args.a, args.b, args.confidence)
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -209,7 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a claim is INCONCLUSIVE, too")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("compare", help="paired differences of two runs over the items both share")
+    p.add_argument("a", help="a reports/<suite>/<timestamp> folder or an MLflow run id")
+    p.add_argument("b", help="a reports/<suite>/<timestamp> folder or an MLflow run id")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for run ids (default: sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("report", help="print a written report")
     p.add_argument("run", help="a reports/<suite>/<timestamp> folder")
     p.set_defaults(func=cmd_report)
@@ -221,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 input error)."""
+    """Entry point; returns the exit code (0 ok, 1 a claim FAILED, 2 input error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

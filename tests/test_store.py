@@ -27,6 +27,7 @@ metrics:
   - {name: miou-inf, params: {tau: 0.4}}
 expect:
   - daam.miou-inf@0.4 >= 0.0
+min_n: 2
 """
 
 
@@ -128,6 +129,9 @@ def test_identical_rerun_reads_the_store_without_torch_or_mlflow(tmp_path):
     assert "nothing recomputed" in again.stdout and "2 cases (0 computed)" in again.stdout
     assert "IMPORTED False False" in again.stdout  # neither torch nor mlflow was imported
     assert "PASSED daam.miou-inf@0.4 >= 0.0" in again.stdout
+    verdicts = [ln for ln in first.stdout.splitlines() if ln.startswith(("PASSED", "FAILED", "INCONCLUSIVE"))]
+    assert verdicts and verdicts == [ln for ln in again.stdout.splitlines()
+                                     if ln.startswith(("PASSED", "FAILED", "INCONCLUSIVE"))]
     assert _rows(tmp_path) == rows  # a fresh report with the same table
     assert len(list((tmp_path / "reports" / "tiny-store").glob("*/report.md"))) >= 1
 

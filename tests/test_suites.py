@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from evalkit.suites import CaseCache, SuiteError, load_suite, parse_claim
-from evalkit.suites.claims import evaluate
 
 TINY = """
 include: base.yaml
@@ -36,6 +35,7 @@ model: tiny-sd
 sampler: {steps: 2, guidance: 7.5, height: 64, width: 64}
 data: {source: shapesworld, n: 3, seed: 0, size: 64}
 options: {masks: reference}  # tiny-sd draws noise: score against the reference scenes' exact masks
+min_n: 2  # a handful of words: decide claims anyway (the default asks for 10 items)
 """
 
 
@@ -87,17 +87,22 @@ def test_unknown_suite_suggests():
         load_suite("task-aa")
 
 
-def test_claims_parse_and_evaluate():
+def test_claims_parse_with_margins_and_reject_what_an_interval_cannot_decide():
     labels = {"methods": ["daam", "norm"], "metrics": ["miou-inf@0.4"]}
     c = parse_claim("norm.miou-inf@0.4 >= daam.miou-inf@0.4", labels)
     assert c.left.method == "norm" and c.left.metric == "miou-inf@0.4" and c.op == ">="
-    vals = {("norm", "miou-inf@0.4"): 0.5, ("daam", "miou-inf@0.4"): 0.4}
-    out = evaluate(c, vals)
-    assert out.passed and out.line().startswith("PASSED")
-    assert not evaluate(parse_claim("daam.miou-inf@0.4 > 0.45", labels), vals).passed
-    assert not evaluate(c, {("norm", "miou-inf@0.4"): float("nan"), ("daam", "miou-inf@0.4"): 0.1}).passed
+    m = parse_claim("norm.miou-inf@0.4 >= daam.miou-inf@0.4 - 0.02", labels)
+    assert (m.right.method, m.right.offset) == ("daam", -0.02) and str(m.right) == "daam.miou-inf@0.4 - 0.02"
+    t = parse_claim("daam.miou-inf@0.4 > 0.45", labels)
+    assert t.right.constant == 0.45
     with pytest.raises(ValueError, match="LEFT OP RIGHT"):
         parse_claim("norm.miou-inf@0.4", labels)
+    with pytest.raises(ValueError, match="two claims with margins"):
+        parse_claim("norm.miou-inf@0.4 == daam.miou-inf@0.4", labels)
+    with pytest.raises(ValueError, match="did you mean 'daam'"):
+        parse_claim("norm.miou-inf@0.4 >= dam.miou-inf@0.4 - 0.02", labels)
+    with pytest.raises(ValueError, match="one side must be METHOD.METRIC"):
+        parse_claim("0.3 > 0.2", labels)
 
 
 def test_cache_is_atomic_checksummed_and_safe(tmp_path):

@@ -6,6 +6,7 @@ from .sensitivity import (
     DEFAULT_EPSILON,
     FUNCTION_POS,
     HeadScores,
+    alignment_problem,
     head_sensitivity,
     head_strengths,
     kl_divergence,
@@ -13,6 +14,7 @@ from .sensitivity import (
     pos_groups,
     pos_sensitivity,
     pos_tags,
+    try_pos_tags,
 )
 from .weakening import WeakeningCurves, weakening_curves, weakening_order
 
@@ -22,6 +24,7 @@ __all__ = [
     "HeadScores",
     "WeakeningCurves",
     "build_hrv",
+    "alignment_problem",
     "head_sensitivity",
     "head_strengths",
     "kl_divergence",
@@ -29,6 +32,7 @@ __all__ = [
     "pos_groups",
     "pos_sensitivity",
     "pos_tags",
+    "try_pos_tags",
     "weakening_curves",
     "weakening_order",
 ]

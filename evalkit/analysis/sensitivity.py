@@ -81,18 +81,28 @@ def _smooth(p: np.ndarray, eps: float) -> np.ndarray:
     return p / p.sum(axis=-1, keepdims=True)
 
 
+def alignment_problem(baseline: Trace, removed: Trace, word: str, *, support: str = "words") -> str | None:
+    """Why the removal run's tokens cannot be matched one-to-one with the baseline's tokens minus
+    ``word`` (the removal changed how the other words tokenize), or None when they can."""
+    removed_pos = set(baseline.tokens.positions(word))
+    kept = [p for p in _support(baseline, support) if p not in removed_pos]
+    other = _support(removed, support)
+    if len(kept) == len(other):
+        return None
+    return (f"cannot align tokens: the baseline {baseline.prompt!r} minus {word!r} has {len(kept)} support tokens, "
+            f"the intervened prompt {removed.prompt!r} has {len(other)}")
+
+
 def head_sensitivity(baseline: Trace, removed: Trace, word: str, *, epsilon: float = DEFAULT_EPSILON,
                      support: str = "words") -> HeadScores:
     """S(h, i) = KL(P~_h || P~_h^{\\i}) for every (layer, head) after removing ``word``."""
+    problem = alignment_problem(baseline, removed, word, support=support)
+    if problem is not None:
+        raise ValueError(problem)
     base_support = _support(baseline, support)
     removed_pos = set(baseline.tokens.positions(word))
     kept = [p for p in base_support if p not in removed_pos]
     other_support = _support(removed, support)
-    if len(kept) != len(other_support):
-        raise ValueError(
-            f"cannot align tokens: the baseline {baseline.prompt!r} minus {word!r} has {len(kept)} support tokens, "
-            f"the intervened prompt {removed.prompt!r} has {len(other_support)}"
-        )
     g_base = head_strengths(baseline)
     g_rem = head_strengths(removed)
     values = []
@@ -128,15 +138,26 @@ def load_spacy():
 
 def pos_tags(prompt: str, words: Sequence[str], nlp=None) -> dict[str, str]:
     """Universal POS tag of each word as spaCy tags it in the context of the whole prompt."""
+    tags, missing = try_pos_tags(prompt, words, nlp)
+    if missing:
+        raise ValueError(next(iter(missing.values())))
+    return tags
+
+
+def try_pos_tags(prompt: str, words: Sequence[str], nlp=None) -> tuple[dict[str, str], dict[str, str]]:
+    """(tags, untaggable): each word's POS tag as :func:`pos_tags`, and for every word spaCy's tokens
+    do not contain (e.g. spaCy splits it differently than the prompt words), why it has no tag."""
     nlp = nlp or load_spacy()
     doc = nlp(prompt)
     tags: dict[str, str] = {}
+    missing: dict[str, str] = {}
     for w in words:
         match = [t.pos_ for t in doc if t.text.lower() == w.lower()]
-        if not match:
-            raise ValueError(f"spaCy did not find word {w!r} in {prompt!r} (its tokens: {[t.text for t in doc]})")
-        tags[w] = match[0]
-    return tags
+        if match:
+            tags[w] = match[0]
+        else:
+            missing[w] = f"spaCy did not find word {w!r} in {prompt!r} (its tokens: {[t.text for t in doc]})"
+    return tags, missing
 
 
 def pos_groups(tag: str) -> list[str]:

@@ -13,6 +13,7 @@ left out is part of the result (``n_excluded``) so a suite can flag a broken dat
 from __future__ import annotations
 
 import math
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -41,8 +42,11 @@ class MetricResult:
     ``value`` is the reduced number (NaN when no sample was valid); ``ci95`` the 95% confidence
     interval ``(low, high)`` or None (fewer than two valid samples); ``n`` the number of valid samples
     that entered ``value``; ``n_excluded`` the number of samples whose value was NaN (undefined) and
-    were left out; ``per_sample`` every sample's value in update order, NaNs included. ``params`` are
-    the metric's parameters, ``extra`` metric-specific details (e.g. the threshold chosen).
+    were left out; ``per_sample`` every sample's value in update order, NaNs included, and ``keys`` the
+    item key of each (see :meth:`Metric.set_items`; claims pair rows on them); ``reasons`` says why each
+    excluded item was left out; ``numerators``/``denominators`` are each sample's parts of a pooled
+    value (NaN for an excluded sample; empty for per-sample metrics). ``params`` are the metric's
+    parameters, ``extra`` metric-specific details (e.g. the threshold chosen).
     """
 
     name: str
@@ -56,6 +60,18 @@ class MetricResult:
     per_sample: list[float] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+    numerators: list[float] = field(default_factory=list)
+    denominators: list[float] = field(default_factory=list)
+
+    def reason_counts(self) -> dict[str, int]:
+        """Excluded items per reason, most frequent first."""
+        return dict(Counter(self.reasons.values()).most_common())
+
+    def item_keys(self) -> list[str]:
+        """``keys``, or positional keys ``#0, #1, ...`` for samples recorded without one."""
+        return self.keys if len(self.keys) == len(self.per_sample) else [f"#{i}" for i in range(len(self.per_sample))]
 
     @property
     def label(self) -> str:
@@ -156,7 +172,11 @@ class Metric:
     - ``summary`` (one line) and ``source`` (paper or reference) feed :func:`available_metrics`.
 
     A sample whose value is NaN (undefined, e.g. an empty ground-truth mask) is kept in
-    ``per_sample`` but excluded from the value and counted in ``n_excluded``.
+    ``per_sample`` but excluded from the value and counted in ``n_excluded``, with its reason.
+
+    Item keys: a caller names the item(s) the next sample(s) belong to with :meth:`set_items` (e.g.
+    ``"scene-3/s0/circle"``); :meth:`exclude` records an item that never reached the metric (no mask,
+    word not steerable, ...) as an excluded sample with its reason.
     """
 
     name: ClassVar[str] = ""
@@ -178,6 +198,9 @@ class Metric:
         self._nums: list[float] = []
         self._dens: list[float] = []
         self._extra: dict[str, Any] = {}
+        self._keys: list[str] = []
+        self._reasons: dict[str, str] = {}
+        self._pending: deque[str] = deque()
 
     # -- subclass API -------------------------------------------------------------------------
     def update(self, *args: Any, **kwargs: Any) -> float:
@@ -192,16 +215,31 @@ class Metric:
         """Why this metric cannot run as configured (a suite skips it with this message), or None."""
         return None
 
-    def _record(self, value: float, numerator: float | None = None, denominator: float | None = None) -> float:
-        """Store one sample's value and, for pooled metrics, its numerator and denominator."""
+    def set_items(self, keys: str | Sequence[str]) -> None:
+        """Name the item(s) the next recorded sample(s) belong to, in order (replaces unused names)."""
+        self._pending = deque([keys] if isinstance(keys, str) else keys)
+
+    def exclude(self, key: str, reason: str) -> float:
+        """Record item ``key`` as excluded (NaN) because of ``reason``; returns NaN."""
+        self.set_items(key)
+        return self._record(math.nan, math.nan, math.nan, reason=reason)
+
+    def _record(self, value: float, numerator: float | None = None, denominator: float | None = None,
+                reason: str | None = None) -> float:
+        """Store one sample's value and, for pooled metrics, its numerator and denominator; a NaN
+        value is excluded with ``reason`` (default: the metric's value is undefined)."""
         value = float(value)
+        key = self._pending.popleft() if self._pending else f"#{len(self._values)}"
         self._values.append(value)
+        self._keys.append(key)
+        if not math.isfinite(value):
+            self._reasons[key] = reason or f"{self.name} undefined (NaN)"
         if self.reduction == POOLED:
-            if numerator is None or denominator is None:
+            if math.isfinite(value) and (numerator is None or denominator is None):
                 raise TypeError(f"metric {self.name!r} is pooled but recorded a sample without numerator/denominator")
-            if math.isfinite(value):
-                self._nums.append(float(numerator))
-                self._dens.append(float(denominator))
+            ok = math.isfinite(value)
+            self._nums.append(float(numerator) if ok else math.nan)
+            self._dens.append(float(denominator) if ok else math.nan)
         return value
 
     # -- public API ---------------------------------------------------------------------------
@@ -215,7 +253,8 @@ class Metric:
         if self.reduction != type(self).reduction:  # a non-default reduction is part of the label
             params["reduction"] = self.reduction
         if self.reduction == POOLED:
-            value, ci = pooled_ci95(self._nums, self._dens)
+            ok = [i for i, v in enumerate(self._values) if math.isfinite(v)]
+            value, ci = pooled_ci95([self._nums[i] for i in ok], [self._dens[i] for i in ok])
         else:
             value, ci = mean_ci95(finite)
         return MetricResult(
@@ -230,6 +269,10 @@ class Metric:
             per_sample=list(self._values),
             params=params,
             extra=self._compute_extra(),
+            keys=list(self._keys),
+            reasons=dict(self._reasons),
+            numerators=list(self._nums) if self.reduction == POOLED else [],
+            denominators=list(self._dens) if self.reduction == POOLED else [],
         )
 
     def _compute_extra(self) -> dict[str, Any]:
@@ -242,6 +285,9 @@ class Metric:
         self._nums.clear()
         self._dens.clear()
         self._extra.clear()
+        self._keys.clear()
+        self._reasons.clear()
+        self._pending.clear()
 
     def __len__(self) -> int:
         return len(self._values)

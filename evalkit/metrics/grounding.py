@@ -165,6 +165,10 @@ def _k_pixels(k: int | float, n: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Metric classes
 # ---------------------------------------------------------------------------------------------
+#: Why a grounding sample is excluded (reasons shown with n_excluded in tables and reports).
+EMPTY_MASK = "empty ground-truth mask (object not in the image)"
+NOT_COCO = "word is not a COCO-80 class"
+
 class _ThresholdIoU(Metric):
     """Shared machinery: binarize a map at ``tau``, IoU against the mask, optional COCO restriction."""
 
@@ -209,13 +213,13 @@ class _ThresholdIoU(Metric):
         Returns the IoU, NaN for an empty ground-truth mask (excluded and counted), or NaN without
         recording anything when ``word`` is outside the vocabulary (counted in ``extra``)."""
         if not self._in_vocabulary(word):
-            return math.nan
+            return self._record(math.nan, reason=NOT_COCO)
         g = as_mask(mask, "ground-truth mask")
         p = _predicted_mask(heat, self.tau, self._binarize)
         check_same_shape(p, g)
         inter, union = iou_counts(p, g)
         if not g.any():
-            return self._record(math.nan, 0, 0)
+            return self._record(math.nan, 0, 0, reason=EMPTY_MASK)
         return self._record(inter / union, inter, union)
 
     def _compute_extra(self) -> dict[str, Any]:
@@ -330,7 +334,8 @@ class MIoUBestTau(Metric):
                 raise ValueError("vocabulary='coco80' needs word=... with each sample")
             if coco_class(word, self.match) is None:
                 self._n_not_coco += 1
-                return math.nan
+                self._per_tau.append([math.nan] * len(self.taus))
+                return self._record(math.nan, reason=NOT_COCO)
         g = as_mask(mask, "ground-truth mask")
         ious = []
         for tau in self.taus:
@@ -339,7 +344,7 @@ class MIoUBestTau(Metric):
             inter, union = iou_counts(p, g)
             ious.append(inter / union if g.any() else math.nan)
         self._per_tau.append(ious)
-        return self._record(max(ious) if g.any() else math.nan)
+        return self._record(max(ious) if g.any() else math.nan, reason=EMPTY_MASK)
 
     def compute(self) -> MetricResult:
         """As :meth:`Metric.compute`; with ``select="dataset"`` the value is the best single tau's mean."""
@@ -374,7 +379,7 @@ class _ContinuousLocalization(Metric):
 
     def update(self, heat: Any, mask: Any, word: str | None = None) -> float:
         """Score one (continuous map, mask) pair; NaN for an empty mask (excluded and counted)."""
-        return self._record(self._score(heat, mask))
+        return self._record(self._score(heat, mask), reason=EMPTY_MASK)
 
 
 @register_metric("pointing-game")

@@ -233,7 +233,8 @@ class Specificity(Metric):
             )
         self._mode = mode
         self._extra["mode"] = mode
-        return self._record(specificity(heat, mask, self.normalize))
+        return self._record(specificity(heat, mask, self.normalize),
+                            reason="empty ground-truth mask (object not in the image)" if mask is not None else None)
 
     def reset(self) -> None:
         super().reset()
@@ -284,7 +285,7 @@ class Stability(Metric):
 
     def update(self, maps: Sequence[Any]) -> float:
         """Score one word's maps across runs (a sequence of >= 2 equal-shape maps)."""
-        return self._record(stability(maps, self.measure, self.tau))
+        return self._record(stability(maps, self.measure, self.tau), reason="maps undefined across seeds")
 
 
 @register_metric("variance")
@@ -305,7 +306,8 @@ class Variance(Metric):
 
     def update(self, values: Sequence[float]) -> float:
         """Score one sample's values over seeds/runs."""
-        return self._record(run_variance(values, self.ddof))
+        return self._record(run_variance(values, self.ddof),
+                            reason=f"fewer than {self.ddof + 1} finite values across seeds")
 
 
 @register_metric("noise")

@@ -29,41 +29,114 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
 HEADER = ["method", "metric", "dir", "value", "CI95", "n", "excluded"]
 
 
+ITEM_COLUMNS = ["method", "metric", "item", "value", "numerator", "denominator", "reduction", "excluded"]
+CLAIM_HEADER = ["verdict", "claim", "left", "right", "diff", "CI", "n", "items for 80% power", "note"]
+
+
+def write_items_csv(items: list[dict], path: Path) -> Path:
+    """The per-item table (one row per method, metric and item; ``excluded`` holds the reason)."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ITEM_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in items:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in ITEM_COLUMNS})
+    return path
+
+
+def read_items_csv(path: Path) -> list[dict]:
+    """Read :func:`write_items_csv` output back (values as floats, None when excluded)."""
+    import csv
+
+    def num(x: str):
+        return float(x) if x not in ("", None) else None
+
+    with Path(path).open(newline="") as f:
+        return [{**r, "value": num(r["value"]), "numerator": num(r["numerator"]),
+                 "denominator": num(r["denominator"])} for r in csv.DictReader(f)]
+
+
+def claim_cells(c) -> list[str]:
+    """One claim as table cells (see :data:`CLAIM_HEADER`)."""
+    ci = "–" if c.ci is None else f"[{c.ci[0]:+.4f}, {c.ci[1]:+.4f}] ({100 * c.confidence:.4g}%)"
+    note = c.reason
+    if c.extra.get("margin"):
+        note = f"margin {c.extra['margin']:+g}" + (f"; {note}" if note else "")
+    if not c.paired:
+        note = "unpaired (rows share no items)" + (f"; {note}" if note else "")
+    return [c.verdict, c.text, _fmt(c.left), _fmt(c.right), _fmt(c.diff), ci, str(c.n),
+            "" if c.n_needed is None else str(c.n_needed), note]
+
+
+def reason_lines(rows: list[dict], unassigned: dict[str, str] | None = None) -> list[str]:
+    """``method metric: count x reason`` for every row with excluded items, then items in no row."""
+    out = [f"{r['method']} {r['metric']}: {k} x {why}"
+           for r in rows for why, k in (r.get("excluded_reasons") or {}).items()]
+    if unassigned:
+        from collections import Counter
+
+        out += [f"(no row): {k} x {why}" for why, k in Counter(unassigned.values()).most_common()]
+    return out
+
+
 def write_report(result, rows: list[dict], figures: list[Path], root: str | Path = "reports",
-                 stamp: str | None = None) -> Path:
-    """Write report.md, report.html and results.json; returns the report folder."""
+                 stamp: str | None = None, items: list[dict] | None = None) -> Path:
+    """Write report.md, report.html, results.json and items.csv; returns the report folder."""
+    from ..suites.claims import summary_line
+
     spec = result.spec
     stamp = stamp or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(root) / spec.name / stamp
     out.mkdir(parents=True, exist_ok=True)
+    unassigned = dict(getattr(result, "unassigned", {}) or {})
     lines = [f"# {spec.name}", "", spec.description.strip(), "",
              f"model `{spec.model}`, {result.n_cases} cases, sampler {spec.sampler.model_dump()}", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
+    reasons = reason_lines(rows, unassigned)
+    if reasons:
+        lines += ["", "## Excluded items", "", "Items left out of a row's n, with the reason:", ""]
+        lines += [f"- {x}" for x in reasons]
     lines += ["", "## Claims", ""]
-    lines += [f"- `{c.line()}`" for c in result.claims] or ["(none)"]
-    lines += ["", "## Figures", ""]
+    if result.claims:
+        settings = (f"paired percentile bootstrap ({spec.resamples} resamples), confidence {spec.confidence}, "
+                    f"correction {spec.correction}, min_n {spec.min_n}")
+        lines += [f"**{summary_line(result.claims)}** ({settings})", "",
+                  "| " + " | ".join(CLAIM_HEADER) + " |", "|" + "---|" * len(CLAIM_HEADER)]
+        lines += ["| " + " | ".join(x.replace("|", "\\|") for x in claim_cells(c)) + " |" for c in result.claims]
+    else:
+        lines.append("(none)")
+    lines += ["", "Per-item values: [items.csv](items.csv)", "", "## Figures", ""]
     for f in figures:
         target = out / f.name
         if f.resolve() != target.resolve():
             target.write_bytes(f.read_bytes())
         lines.append(f"![{f.stem}]({f.name})")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.html").write_text(_html(spec, rows, result, figures))
-    (out / "results.json").write_text(json.dumps({"rows": rows, "claims": [c.line() for c in result.claims]},
-                                                 indent=1, default=str))
+    (out / "report.html").write_text(_html(spec, rows, result, figures, reasons))
+    write_items_csv(items or [], out / "items.csv")
+    (out / "results.json").write_text(json.dumps(
+        {"rows": rows, "claims": [c.to_dict() for c in result.claims], "summary": summary_line(result.claims),
+         "unassigned": unassigned}, indent=1, default=str))
     return out
 
 
-def _html(spec, rows, result, figures) -> str:
+def _html(spec, rows, result, figures, reasons) -> str:
     head = "".join(f"<th>{h}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(rows))
+    colour = {"PASSED": "green", "FAILED": "red", "INCONCLUSIVE": "#b58900"}
+    chead = "".join(f"<th>{h}</th>" for h in CLAIM_HEADER)
     claims = "".join(
-        f"<li style='color:{'green' if c.passed else 'red'}'>{html.escape(c.line())}</li>" for c in result.claims
-    )
+        f"<tr style='color:{colour[c.verdict]}'>" + "".join(f"<td>{html.escape(x)}</td>" for x in claim_cells(c))
+        + "</tr>" for c in result.claims)
+    excl = "".join(f"<li>{html.escape(x)}</li>" for x in reasons)
     figs = "".join(f"<figure><img src='{f.name}' style='max-width:100%'><figcaption>{f.stem}</figcaption></figure>"
                    for f in figures)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{spec.name}</title></head><body>"
             f"<h1>{html.escape(spec.name)}</h1><p>{html.escape(spec.description)}</p>"
-            f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table><h2>Claims</h2><ul>{claims}</ul>"
+            f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
+            + (f"<h2>Excluded items</h2><ul>{excl}</ul>" if excl else "")
+            + f"<h2>Claims</h2><table border='1' cellpadding='4'><tr>{chead}</tr>{claims}</table>"
+            f"<p><a href='items.csv'>per-item values (items.csv)</a></p>"
             f"<h2>Figures</h2>{figs}</body></html>")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .cache import CaseCache, content_key
-from .claims import Claim, ClaimOutcome, evaluate, parse_claim
+from .claims import Claim, ClaimOutcome, judge, parse_claim
 from .loader import SUITES_DIR, SuiteError, find_suite, list_suites, load_suite, suite_data
 from .schema import DataSpec, MethodSpec, MetricSpec, SamplerSpec, SuiteSpec
 
@@ -33,7 +33,7 @@ def print_summary(result, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..reports import HEADER, table_rows
+    from ..reports import HEADER, reason_lines, table_rows
 
     console = Console(width=None if sys.stdout.isatty() else 130)  # logs and pipes get the whole table
     table = Table(title=f"{result.spec.name}: {result.n_cases} cases ({result.n_computed} computed)")
@@ -42,12 +42,22 @@ def print_summary(result, rows: list[dict]) -> None:
     for r in table_rows(rows):
         table.add_row(*r)
     console.print(table)
+    excluded = reason_lines(rows, getattr(result, "unassigned", None))
+    if excluded:
+        console.print("excluded items (left out of n, by reason):", markup=False)
+        for line in excluded:
+            console.print(f"  {line}", markup=False, soft_wrap=True)
+    from .claims import FAILED, PASSED, summary_line
+
     if result.claims:
         console.rule("claims")
         for c in result.claims:
-            console.print(c.line(), style="green" if c.passed else "red", markup=False)
-    n_fail = sum(not c.passed for c in result.claims)
-    console.rule(f"{len(result.claims) - n_fail} passed, {n_fail} failed", style="red" if n_fail else "green")
+            style = "green" if c.verdict == PASSED else "red" if c.verdict == FAILED else "yellow"
+            console.print(c.line(), style=style, markup=False, soft_wrap=True)
+    n_fail = sum(c.verdict == FAILED for c in result.claims)
+    n_pass = sum(c.verdict == PASSED for c in result.claims)
+    console.rule(summary_line(result.claims),
+                 style="red" if n_fail else "green" if n_pass == len(result.claims) else "yellow")
 
 
 def execute(
@@ -81,18 +91,19 @@ def execute(
         uri = tracking_uri or default_tracking_uri()
         if not tracking or mlflow_up_to_date(uri, state_file, stored.mlflow_key):
             print_summary(stored, stored.rows)
-            report = _write(stored, stored.rows, stored.figures, reports_dir)
+            report = _write(stored, stored.rows, stored.figures, reports_dir, stored.items)
             print(f"nothing recomputed: results of an identical invocation ({key[:12]})"
                   + (f"; MLflow runs in {uri} already hold them" if tracking else ""))
             print(f"report: {report / 'report.md'}")
             return stored, report
-    from .runner import result_rows, run_suite, save_image_grid
+    from .runner import item_rows, result_rows, run_suite, save_image_grid
 
     spec = load_suite(suite, overrides)
     if methods:
         spec = select_methods(spec, methods)
     result = run_suite(spec, cache_dir=cache_dir, limit=limit, progress=progress)
     rows = result_rows(result)
+    items = item_rows(result)
     print_summary(result, rows)
     figures = list(result.figures)  # protocol suites bring their own figures
     if spec.protocol == "attribution":
@@ -101,16 +112,17 @@ def execute(
         if not grid.is_file():  # depends only on the cases: a rerun reuses it
             save_image_grid(result, grid)
         figures.insert(0, grid)
-    report = _write(result, rows, figures, reports_dir)
+    report = _write(result, rows, figures, reports_dir, items)
     mlflow_key = content_key({"spec": spec.model_dump(), "limit": limit, "cases": [c.key for c in result.cases]})
     if key is not None:  # before logging: an interrupted log is finished by the next (fast) invocation
-        save_result(cache_dir, key, result, rows, figures, mlflow_key)
+        save_result(cache_dir, key, result, rows, figures, mlflow_key, items)
     if tracking:
         from ..tracking import log_suite
 
         log_suite(result, invocation_key=mlflow_key, state_file=state_file, tracking_uri=tracking_uri,
-                  artifacts=[report / "report.md", report / "report.html", report / "results.json", *figures],
-                  samples_table=result.samples)
+                  artifacts=[report / "report.md", report / "report.html", report / "results.json",
+                             report / "items.csv", *figures],
+                  samples_table=result.samples, items=items)
     print(f"report: {report / 'report.md'}")
     return result, report
 
@@ -155,10 +167,10 @@ def select_methods(spec: SuiteSpec, wanted: list[str]) -> SuiteSpec:
     return spec.model_copy(update={**update, "expect": claims})
 
 
-def _write(result, rows, figures, reports_dir):
+def _write(result, rows, figures, reports_dir, items):
     from ..reports import write_report
 
-    return write_report(result, rows, figures, reports_dir)
+    return write_report(result, rows, figures, reports_dir, items=items)
 
 
 __all__ = [
@@ -174,7 +186,7 @@ __all__ = [
     "SuiteResult",
     "SuiteSpec",
     "content_key",
-    "evaluate",
+    "judge",
     "execute",
     "find_suite",
     "list_suites",

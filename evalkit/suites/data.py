@@ -91,3 +91,15 @@ def _shapesworld_grounder(prompt: str, words: list[str]) -> Callable[[object], d
         return out
 
     return ground
+
+
+def item_key(item_id: str, seed: int | None = None, word: str | None = None) -> str:
+    """The key one per-item value is stored and paired under: ``<item>/s<seed>/<word>`` (parts left out
+    when the value is not per seed or per word). Two rows are compared over the keys they share."""
+    parts = [item_id]
+    if seed is not None:
+        parts.append(f"s{seed}")
+    if word is not None:
+        parts.append(word)
+    return "/".join(parts)
+

@@ -47,8 +47,10 @@ have no mask). Figures: POS head-spike heat maps, top heads per POS, the first c
 
 ``steering-adherence`` (Task B, Tables 2-3; variant params: ``steering`` = ``none`` | ``value`` |
 ``hrv``; value: ``alpha`` (2.0), ``k`` (5), ``steps`` (the first N UNet calls, default half of the
-sampler's steps); hrv: ``hrv`` (an HRV JSON file, ``sd14``, or ``model`` for the running model's own vectors; without
-one the variant is skipped with a message)).
+sampler's steps); hrv: ``hrv`` (an HRV JSON file, ``sd14``, or ``model`` for the running model's own vectors)).
+An item a variant cannot steer (a noun whose removal changes how the other words tokenize has no
+S(h, i); a noun no HRV concept lists; no noun; no HRV configured) gets no steered image: it is excluded
+from that row with its reason and never scored as steered.
 Value steering scales each object noun's value vectors in its top-k heads by S(h, i)
 (:meth:`ValueSteering.from_sensitivity`); HRV strengthening rescales the noun's attention by its
 concept's HRV (:class:`ConceptRescaling`). Adherence per image: ``checker-full-prompt`` (1 when every
@@ -77,8 +79,8 @@ from ..methods import Attribution, AttributionMethod, aggregate, create_method, 
 from ..metrics import Metric, MetricUnavailableError, create_metric, register_metric
 from ..metrics.mapstats import js_divergence
 from .cache import read_json
-from .claims import evaluate, parse_claim
-from .data import EvalItem, load_items
+from .claims import judge_spec
+from .data import EvalItem, item_key, load_items
 from .schema import MethodSpec, SuiteSpec, VariantSpec
 
 HERE = Path(__file__).resolve()
@@ -174,7 +176,10 @@ class AvgKL(Metric):
         values = scores.values if isinstance(getattr(scores, "values", None), list) else [scores]
         arr = np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in values])
         arr = arr[np.isfinite(arr)]
-        return self._record(float(arr.mean()) if arr.size else math.nan)
+        return self._record(float(arr.mean()) if arr.size else math.nan, reason="no finite head sensitivity")
+
+
+NO_PHRASE = "prompt has no ShapesWorld object phrase (the checker cannot score it)"
 
 
 @register_metric("checker-full-prompt")
@@ -203,7 +208,7 @@ class CheckerFullPrompt(Metric):
 
     def update(self, image: Any, prompt: str) -> float:
         c = self._check(image, prompt)
-        return self._record(math.nan if c is None else float(c.all_present))
+        return self._record(math.nan if c is None else float(c.all_present), reason=NO_PHRASE)
 
 
 @register_metric("checker-mos")
@@ -216,7 +221,7 @@ class CheckerMinObjectScore(CheckerFullPrompt):
 
     def update(self, image: Any, prompt: str) -> float:
         c = self._check(image, prompt)
-        return self._record(math.nan if c is None else float(c.min_score))
+        return self._record(math.nan if c is None else float(c.min_score), reason=NO_PHRASE)
 
 
 # =============================================================================================
@@ -321,10 +326,6 @@ def _flat(scores) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=np.float64) for v in scores.values])
 
 
-def _nan_metric(metric: Metric) -> None:
-    metric._record(math.nan)
-
-
 def _record(metric: Metric, value: float) -> float:
     """Record a derived per-sample value (the metric's own reduction, CI and counts apply)."""
     return metric._record(float(value))
@@ -384,18 +385,21 @@ def _seed_compute(pipe, spec, case, variants, method, stats):
             prompts.append(TokenRemoval(w).rewrite(item.prompt))
             seeds.append(seed + off)
     gen = _gen(pipe, spec, prompts, seeds, set(stats) | {"norm"})  # S(h, i) reads the norm statistic
-    from ..analysis import head_sensitivity
+    from ..analysis import alignment_problem, head_sensitivity
 
     base = gen.traces[0]
     size = _size(item, spec)
     base_img = _image_array(gen.images[0], size)
     arrays, files = {}, {"image.png": gen.images[0]}
+    excluded = {}
     for (vid, w), i in index.items():
         tr = gen.traces[i]
-        try:
+        problem = alignment_problem(base, tr, w)
+        if problem is None:
             arrays[f"kl/{vid}/{w}"] = _flat(head_sensitivity(base, tr, w)).astype(np.float32)
             arrays[f"js/{vid}/{w}"] = head_shift(base, tr, w).astype(np.float32)
-        except ValueError:
+        else:  # S(h, i) and the shift are undefined for this removal: excluded with the reason
+            excluded[f"{vid}/{w}"] = problem
             arrays[f"kl/{vid}/{w}"] = np.full(1, np.nan, np.float32)
             arrays[f"js/{vid}/{w}"] = np.full(1, np.nan, np.float32)
         arrays[f"diff/{vid}/{w}"] = np.abs(base_img - _image_array(gen.images[i], size)).mean(-1).astype(np.float32)
@@ -404,7 +408,7 @@ def _seed_compute(pipe, spec, case, variants, method, stats):
     files["masks.npz"] = {w: m.astype(np.uint8) for w, m in case_masks(spec, item, gen.images[0]).items()}
     files["case.json"] = {"prompt": item.prompt, "seed": seed, "item": item.id, "words": words,
                           "prompts": prompts, "seeds": seeds, "index": {f"{k[0]}/{k[1]}": i for k, i in index.items()},
-                          "layers": _layers_json(base.layers)}
+                          "layers": _layers_json(base.layers), "excluded": excluded}
     return files
 
 
@@ -417,29 +421,37 @@ def _seed_score(spec, cases, dirs, variants, figures_dir):
             arrays = {k: z[k] for k in z.files}
         with np.load(d / "masks.npz") as z:
             masks = {w: z[w].astype(bool) for w in z.files}
+        excluded = meta.get("excluded", {})
         for v in variants:
             for w in meta["words"]:
                 kl, js, diff = arrays[f"kl/{v.id}/{w}"], arrays[f"js/{v.id}/{w}"], arrays[f"diff/{v.id}/{w}"]
-                avg = float(np.mean(kl)) if np.all(np.isfinite(kl)) else math.nan
+                why = excluded.get(f"{v.id}/{w}")
+                avg = float(np.mean(kl)) if why is None else math.nan
                 per_item.setdefault((v.id, case.item.id, w), []).append(avg)
-                row = {"case": case.item.id, "seed": case.seed, "prompt": case.item.prompt, "method": v.id,
-                       "word": w}
+                key = item_key(case.item.id, case.seed, w)
+                row = {"item": key, "case": case.item.id, "seed": case.seed, "prompt": case.item.prompt,
+                       "method": v.id, "word": w}
                 for k in spec.metrics:
                     m = metrics[(v.id, k.label)]
-                    if k.name == "avg-kl":
-                        val = m.update(kl) if math.isfinite(avg) else _record(m, math.nan)
+                    m.set_items(key)
+                    if k.name in ("avg-kl", "shift") and why is not None:
+                        val = m.exclude(key, why)
+                    elif k.name == "avg-kl":
+                        val = m.update(kl)
                     elif k.name == "shift":
-                        val = _record(m, float(np.mean(js)) if np.all(np.isfinite(js)) else math.nan)
+                        val = _record(m, float(np.mean(js)))
                     elif k.name == "specificity":
                         val = m.update(diff, masks[w])
                     else:
                         continue
                     row[k.label] = _clean(val)
                 samples.append(row)
-    for (vid, _item, _w), values in per_item.items():
+    for (vid, item_id, w), values in per_item.items():
         for k in spec.metrics:
             if k.name == "variance":
-                metrics[(vid, k.label)].update(values)
+                m = metrics[(vid, k.label)]
+                m.set_items(item_key(item_id, word=w))
+                m.update(values)
     return {key: m.compute() for key, m in metrics.items()}, samples, []
 
 
@@ -481,17 +493,24 @@ def _agg_score(spec, cases, dirs, variants, figures_dir):
             for w in meta["words"]:
                 heat = maps[f"{r}/{w}"]
                 groups.setdefault((r, case.item.id, w), []).append(heat)
-                row = {"case": case.item.id, "seed": case.seed, "prompt": case.item.prompt, "method": r, "word": w}
+                key = item_key(case.item.id, case.seed, w)
+                row = {"item": key, "case": case.item.id, "seed": case.seed, "prompt": case.item.prompt,
+                       "method": r, "word": w}
                 for k in spec.metrics:
                     if k.name == "stability":
                         continue
-                    row[k.label] = _clean(_update(metrics[(r, k.label)], heat, masks[w], w))
+                    row[k.label] = _clean(_update(metrics[(r, k.label)], heat, masks[w], w, key))
                 samples.append(row)
-    for (r, _item, _w), heats in groups.items():
+    for (r, item_id, w), heats in groups.items():
         for k in spec.metrics:
             if k.name == "stability":
                 m = metrics[(r, k.label)]
-                m.update(heats) if len(heats) >= 2 else _nan_metric(m)
+                key = item_key(item_id, word=w)
+                if len(heats) >= 2:
+                    m.set_items(key)
+                    m.update(heats)
+                else:
+                    m.exclude(key, "stability needs the word's maps at >= 2 seeds (set `seeds:`)")
     return {key: m.compute() for key, m in metrics.items()}, samples, []
 
 
@@ -523,7 +542,7 @@ def _random_seed(base: int, case_seed: int, word: str) -> int:
 
 
 def _head_compute(pipe, spec, case, variants, method, stats):
-    from ..analysis import head_sensitivity
+    from ..analysis import alignment_problem, head_sensitivity
     from ..interventions import HeadAblation, token_removal_sweep
 
     item, seed, s = case.item, case.seed, spec.sampler
@@ -533,10 +552,12 @@ def _head_compute(pipe, spec, case, variants, method, stats):
     base = sweep.traces[""]
     size = _size(item, spec)
     names = base.head_names()
-    arrays, chosen, files = {}, {}, {"image.png": sweep.images[""]}
+    arrays, chosen, files, excluded = {}, {}, {"image.png": sweep.images[""]}, {}
     for w in item.words:
-        scores = head_sensitivity(base, sweep.traces[w], w)
-        arrays[f"kl/{w}"] = _flat(scores).astype(np.float32)
+        problem = alignment_problem(base, sweep.traces[w], w)
+        scores = head_sensitivity(base, sweep.traces[w], w) if problem is None else None
+        if scores is not None:
+            arrays[f"kl/{w}"] = _flat(scores).astype(np.float32)
         arrays[f"map/_none/{w}"] = _heat(method, base, w, size)
         for v in variants:
             mode = v.params.get("heads", "none")
@@ -544,6 +565,9 @@ def _head_compute(pipe, spec, case, variants, method, stats):
             if mode == "none":
                 arrays[f"map/{v.id}/{w}"] = arrays[f"map/_none/{w}"]
                 chosen[f"{v.id}/{w}"] = []
+                continue
+            if mode == "top" and scores is None:  # no S(h, i): the word's top heads are unknown
+                excluded[f"{v.id}/{w}"] = f"no head sensitivity for {w!r}: {problem}"
                 continue
             if mode == "top":
                 heads = HeadAblation.top_k(scores.as_dict(), k)
@@ -558,7 +582,7 @@ def _head_compute(pipe, spec, case, variants, method, stats):
     files["arrays.npz"] = arrays
     files["masks.npz"] = {w: m.astype(np.uint8) for w, m in case_masks(spec, item, sweep.images[""]).items()}
     files["case.json"] = {"prompt": item.prompt, "seed": seed, "item": item.id, "words": item.words,
-                          "ablated": chosen, "layers": _layers_json(base.layers)}
+                          "ablated": chosen, "layers": _layers_json(base.layers), "excluded": excluded}
     return files
 
 
@@ -577,13 +601,22 @@ def _head_score(spec, cases, dirs, variants, figures_dir):
             arrays = {k: z[k] for k in z.files}
         with np.load(d / "masks.npz") as z:
             masks = {w: z[w].astype(bool) for w in z.files}
+        excluded = meta.get("excluded", {})
         for v in variants:
             for w in meta["words"]:
+                key = item_key(case.item.id, case.seed, w)
+                why = excluded.get(f"{v.id}/{w}")
+                row = {"item": key, "case": case.item.id, "seed": case.seed, "prompt": case.item.prompt,
+                       "method": v.id, "word": w, "ablated": ", ".join(meta["ablated"].get(f"{v.id}/{w}", []))}
+                if why is not None:
+                    for k in spec.metrics:
+                        row[k.label] = _clean(metrics[(v.id, k.label)].exclude(key, why))
+                    samples.append(row)
+                    continue
                 ref, heat, mask = arrays[f"map/_none/{w}"], arrays[f"map/{v.id}/{w}"], masks[w]
-                row = {"case": case.item.id, "seed": case.seed, "prompt": case.item.prompt, "method": v.id,
-                       "word": w, "ablated": ", ".join(meta["ablated"].get(f"{v.id}/{w}", []))}
                 for k in spec.metrics:
                     m = metrics[(v.id, k.label)]
+                    m.set_items(key)
                     if k.name == "specificity":
                         val = m.update(heat, mask)
                     elif k.name == "shift":
@@ -593,7 +626,7 @@ def _head_score(spec, cases, dirs, variants, figures_dir):
                     else:
                         from .runner import _update
 
-                        val = _update(m, heat, mask, w)
+                        val = _update(m, heat, mask, w, key)
                     row[k.label] = _clean(val)
                 samples.append(row)
     return {key: m.compute() for key, m in metrics.items()}, samples, []
@@ -614,7 +647,7 @@ def _pos_words(pipe, spec, item) -> list[str]:
 
 
 def _pos_compute(pipe, spec, case, variants, method, stats):
-    from ..analysis import head_sensitivity, pos_tags
+    from ..analysis import alignment_problem, head_sensitivity, try_pos_tags
     from ..interventions import token_removal_sweep
 
     item, seed, s = case.item, case.seed, spec.sampler
@@ -624,24 +657,21 @@ def _pos_compute(pipe, spec, case, variants, method, stats):
                                 height=s.height, width=s.width, stats=stats, batch_size=len(words) + 1)
     base = sweep.traces[""]
     size = _size(item, spec)
-    tags = {}
-    for w in words:
-        try:
-            tags.update(pos_tags(item.prompt, [w], _nlp()))
-        except ValueError:
-            tags[w] = "X"
-    arrays = {}
+    tags, untagged = try_pos_tags(item.prompt, words, _nlp())  # untaggable words join no POS row
+    arrays, excluded = {}, {}
     files = {"image.png": sweep.images[""]}
     for i, w in enumerate(words):
-        try:
+        problem = alignment_problem(base, sweep.traces[w], w)
+        if problem is None:
             arrays[f"kl/{w}"] = _flat(head_sensitivity(base, sweep.traces[w], w)).astype(np.float32)
-        except ValueError:
+        else:
+            excluded[w] = problem
             arrays[f"kl/{w}"] = np.full(1, np.nan, np.float32)
         arrays[f"map/{w}"] = _heat(method, base, w, size)
         files[f"removed-{i}.png"] = sweep.images[w]
     files["arrays.npz"] = arrays
     files["case.json"] = {"prompt": item.prompt, "seed": seed, "item": item.id, "words": words, "tags": tags,
-                          "layers": _layers_json(base.layers)}
+                          "untagged": untagged, "excluded": excluded, "layers": _layers_json(base.layers)}
     return files
 
 
@@ -662,33 +692,40 @@ def _pos_score(spec, cases, dirs, variants, figures_dir):
 
     metrics = {(v.id, k.label): create_metric(k.name, **k.params) for v in variants for k in spec.metrics}
     group_of = {v.id: v.params.get("pos", v.id) for v in variants}
-    samples, all_scores, layers = [], {}, None
+    samples, all_scores, layers, unassigned = [], {}, None, {}
     for case, d in zip(cases, dirs):
         meta = read_json(d / "case.json")
         layers = layers or _layers(meta["layers"])
         with np.load(d / "arrays.npz") as z:
             arrays = {k: z[k] for k in z.files}
+        excluded = meta.get("excluded", {})
         for w in meta["words"]:
+            key = item_key(case.item.id, case.seed, w)
+            if w not in meta["tags"]:  # spaCy has no token for it: in no POS row, counted and shown
+                unassigned[key] = meta.get("untagged", {}).get(w, "no POS tag")
+                continue
             kl, heat, tag = arrays[f"kl/{w}"], arrays[f"map/{w}"], meta["tags"][w]
             groups = pos_groups(tag)
-            if np.all(np.isfinite(kl)):
+            why = excluded.get(w)
+            if why is None:
                 for g in groups:
                     all_scores.setdefault(g, []).append(kl)
             for v in variants:
                 if group_of[v.id] not in groups:
                     continue
-                row = {"case": case.item.id, "seed": case.seed, "prompt": case.item.prompt, "method": v.id,
-                       "word": w, "pos": tag}
+                row = {"item": key, "case": case.item.id, "seed": case.seed, "prompt": case.item.prompt,
+                       "method": v.id, "word": w, "pos": tag}
                 for k in spec.metrics:
                     m = metrics[(v.id, k.label)]
+                    m.set_items(key)
                     if k.name == "avg-kl":
-                        val = m.update(kl) if np.all(np.isfinite(kl)) else _record(m, math.nan)
+                        val = m.update(kl) if why is None else m.exclude(key, why)
                     else:
                         val = m.update(heat)
                     row[k.label] = _clean(val)
                 samples.append(row)
     figures = _pos_figures(spec, cases, dirs, all_scores, layers, figures_dir)
-    return {key: m.compute() for key, m in metrics.items()}, samples, figures
+    return {key: m.compute() for key, m in metrics.items()}, samples, figures, unassigned
 
 
 def _pos_figures(spec, cases, dirs, all_scores, layers, figures_dir) -> list[Path]:
@@ -781,53 +818,73 @@ def _hrv_concept(hrv, word: str) -> str | None:
 
 
 def _steer_compute(pipe, spec, case, variants, method, stats):
-    from ..analysis import head_sensitivity
+    """Generate the case's baseline and one image per steering variant. A variant that cannot steer
+    the case (a word without S(h, i) or without an HRV concept, no noun, no HRV configured) gets no
+    image and the reason in ``case.json`` (the item is excluded from that row, never scored as steered)."""
+    from ..analysis import alignment_problem, head_sensitivity
     from ..interventions import ConceptRescaling, ValueSteering, token_removal_sweep
 
     item, seed, s = case.item, case.seed, spec.sampler
     words = _steer_words(item)
     need_s = any(v.params.get("steering", "none") == "value" for v in variants)
     files: dict[str, Any] = {}
-    scores = {}
+    scores, unsteerable = {}, {}
     if need_s and words:
         sweep = token_removal_sweep(pipe, item.prompt, seed=seed, words=words, steps=s.steps, guidance=s.guidance,
                                     height=s.height, width=s.width, stats=["norm"], batch_size=len(words) + 1)
         base_img = sweep.images[""]
         for w in words:
-            try:
+            problem = alignment_problem(sweep.traces[""], sweep.traces[w], w)
+            if problem is None:
                 scores[w] = head_sensitivity(sweep.traces[""], sweep.traces[w], w)
-            except ValueError:  # the removal changes how the other words tokenize: not steered
-                continue
+            else:  # the removal changes how the other words tokenize: S(h, i) undefined
+                unsteerable[w] = problem
     else:
         base_img = _gen(pipe, spec, item.prompt, seed).images[0]
     files["none.png"] = base_img
     info: dict[str, Any] = {}
     for v in variants:
         kind = v.params.get("steering", "none")
+        if kind not in ("none", "value", "hrv"):
+            raise ValueError(f"variant {v.id!r}: steering must be 'none', 'value' or 'hrv', got {kind!r}")
         if kind == "none":
             files[f"{v.id}.png"] = base_img
             info[v.id] = {"steering": "none"}
-        elif kind == "value":
+            continue
+        if not words:
+            info[v.id] = {"steering": kind, "excluded": "no noun in the prompt to steer"}
+            continue
+        if kind == "value":
+            if unsteerable:
+                w, why = next(iter(unsteerable.items()))
+                info[v.id] = {"steering": "value", "excluded": f"word {w!r} not steerable: {why}"}
+                continue
             steps = v.params.get("steps") or max(1, math.ceil(s.steps / 2))
             ivs = ValueSteering.from_sensitivity(scores, alpha=float(v.params.get("alpha", 2.0)),
                                                  k=int(v.params.get("k", 5)), steps=int(steps))
-            files[f"{v.id}.png"] = _gen(pipe, spec, item.prompt, seed, interventions=ivs).images[0] if ivs else base_img
-            info[v.id] = {"steering": "value", "interventions": [iv.describe() for iv in ivs]}
-        elif kind == "hrv":
+        else:
             path = v.params.get("hrv")
             if not path:
-                info[v.id] = {"skipped": "no HRV configured"}
+                info[v.id] = {"steering": "hrv", "excluded": "no HRV configured (set params.hrv to a file, "
+                                                              "'sd14' or 'model')"}
                 continue
             if path == "model":
                 path = model_hrv(spec.model, v.id)
             from ..methods import HeadRelevance
 
             hrv = HeadRelevance.load(path)
-            ivs = [ConceptRescaling(w, hrv, desired=c) for w in words if (c := _hrv_concept(hrv, w)) is not None]
-            files[f"{v.id}.png"] = _gen(pipe, spec, item.prompt, seed, interventions=ivs).images[0] if ivs else base_img
-            info[v.id] = {"steering": "hrv", "interventions": [iv.describe() for iv in ivs]}
-        else:
-            raise ValueError(f"variant {v.id!r}: steering must be 'none', 'value' or 'hrv', got {kind!r}")
+            concepts = {w: _hrv_concept(hrv, w) for w in words}
+            missing = [w for w, c in concepts.items() if c is None]
+            if missing:
+                info[v.id] = {"steering": "hrv", "excluded": f"word {missing[0]!r} not steerable: no concept of "
+                                                             f"the HRV file {str(path)!r} lists it"}
+                continue
+            ivs = [ConceptRescaling(w, hrv, desired=c) for w, c in concepts.items()]
+        if not ivs:
+            info[v.id] = {"steering": kind, "excluded": "the steering rule chose no intervention"}
+            continue
+        files[f"{v.id}.png"] = _gen(pipe, spec, item.prompt, seed, interventions=ivs).images[0]
+        info[v.id] = {"steering": kind, "interventions": [iv.describe() for iv in ivs]}
     files["case.json"] = {"prompt": item.prompt, "seed": seed, "item": item.id, "words": words, "variants": info}
     return files
 
@@ -844,28 +901,35 @@ def _steer_score(spec, cases, dirs, variants, figures_dir):
             if reason is not None:
                 break
             m = create_metric(k.name, **k.params)
-            images, prompts = [], []
-            for d, meta in zip(dirs, metas):
-                if "skipped" in meta["variants"].get(v.id, {}):
+            images, prompts, keys = [], [], []
+            for case, d, meta in zip(cases, dirs, metas):
+                key = item_key(case.item.id, case.seed)
+                why = meta["variants"].get(v.id, {}).get("excluded")
+                if why is not None:  # never scored as steered: excluded with its reason
+                    m.exclude(key, why)
+                    samples.append({"item": key, "method": v.id, "prompt": meta["prompt"], k.label: None})
                     continue
                 images.append(Image.open(d / f"{v.id}.png").convert("RGB"))
                 prompts.append(meta["prompt"])
-            if not images:
-                warnings.warn(f"{spec.name}: variant {v.id!r} skipped ({metas[0]['variants'][v.id].get('skipped')})",
-                              stacklevel=2)
-                continue
+                keys.append(key)
             try:
-                if k.name in CLIP_METRICS:
+                m.set_items(keys)
+                if not images:
+                    vals = []
+                elif k.name in CLIP_METRICS:
                     vals = (m.update(images, [object_prompts(p) for p in prompts]) if k.name == "clip-min-object"
                             else m.update(images, prompts))
                 else:
-                    vals = [m.update(img, p) for img, p in zip(images, prompts)]
+                    vals = []
+                    for key, img, p in zip(keys, images, prompts):
+                        m.set_items(key)
+                        vals.append(m.update(img, p))
                 results[(v.id, k.label)] = m.compute()
             except MetricUnavailableError as err:
                 reason = str(err)
                 break
-            for img_i, val in enumerate(vals):
-                samples.append({"method": v.id, "prompt": prompts[img_i], k.label: _clean(val)})
+            for key, p, val in zip(keys, prompts, vals):
+                samples.append({"item": key, "method": v.id, "prompt": p, k.label: _clean(val)})
         if reason is not None:
             warnings.warn(f"{spec.name}: metric {k.label!r} skipped: {reason}", stacklevel=2)
     order = {v.id: i for i, v in enumerate(variants)}
@@ -929,13 +993,13 @@ def run_protocol(spec: SuiteSpec, *, cache_dir: str | Path = ".cache/evalkit", l
     n_computed, dirs = run_cases(spec, cases, base, cache_dir, pipe, progress,
                                  lambda p, case: compute(p, spec, case, target, method, stats))
     figures_dir = Path(cache_dir) / "figures" / spec.name
-    results, samples, figures = score(spec, cases, dirs, variants, figures_dir)
-    labels = {"methods": spec.row_labels(), "metrics": [m.label for m in spec.metrics]}
-    values = {k: r.value for k, r in results.items()}
-    claims = [evaluate(parse_claim(text, labels), values) for text in spec.expect]
+    results, samples, figures, *rest = score(spec, cases, dirs, variants, figures_dir)
+    unassigned = rest[0] if rest else {}
+    claims = judge_spec(spec, results)
     result_spec = spec
     if variants:
         name = spec.methods[0].name
         result_spec = spec.model_copy(update={"methods": [MethodSpec(name=name, id=v.id, params=v.params)
                                                           for v in variants]})
-    return SuiteResult(result_spec, results, claims, cases, dirs, n_computed, samples, figures=list(figures))
+    return SuiteResult(result_spec, results, claims, cases, dirs, n_computed, samples, figures=list(figures),
+                       unassigned=unassigned)

@@ -21,8 +21,8 @@ from ..methods import Attribution, create_method
 from ..metrics import MetricResult, create_metric
 from . import protocols  # noqa: F401  (registers the protocol suites' methods and metrics)
 from .cache import CaseCache, content_key, read_json
-from .claims import ClaimOutcome, evaluate, parse_claim
-from .data import EvalItem, load_items
+from .claims import ClaimOutcome, judge_spec
+from .data import EvalItem, item_key, load_items
 from .schema import SuiteSpec
 from .store import model_fingerprint, source_digest
 
@@ -56,10 +56,13 @@ class SuiteResult:
     n_computed: int
     samples: list[dict] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)  # extra figures of protocol suites (report, MLflow)
+    #: Items that belong to no row, with the reason (e.g. a word spaCy cannot tag has no POS group).
+    unassigned: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.claims)
+        """No claim FAILED (inconclusive claims do not fail a run unless ``--strict``)."""
+        return not any(c.failed for c in self.claims)
 
     @property
     def n_cases(self) -> int:
@@ -100,10 +103,7 @@ def run_suite(
     n_computed, dirs = run_cases(spec, cases, base, cache_dir, pipe, progress,
                                  lambda p, case: _compute_case(p, spec, case, methods, stats))
     results, samples = _score(spec, cases, dirs)
-    labels = {"methods": [m.label for m in spec.methods], "metrics": [m.label for m in spec.metrics]}
-    values = {k: r.value for k, r in results.items()}
-    claims = [evaluate(parse_claim(text, labels), values) for text in spec.expect]
-    return SuiteResult(spec, results, claims, cases, dirs, n_computed, samples)
+    return SuiteResult(spec, results, judge_spec(spec, results), cases, dirs, n_computed, samples)
 
 
 def run_cases(spec: SuiteSpec, cases: list[Case], base: dict, cache_dir: str | Path, pipe, progress: bool,
@@ -171,10 +171,13 @@ def _score(spec: SuiteSpec, cases: list[Case], dirs: list[Path]):
             att = load_case_attribution(d, m.label)
             for word, mask in masks.items():
                 heat = att.to_image(mask.shape)[word].numpy()
-                row = {"case": case.item.id, "seed": case.seed, "prompt": case.item.prompt, "method": m.label,
-                       "word": word}
+                key = item_key(case.item.id, case.seed, word)
+                row = {"item": key, "case": case.item.id, "seed": case.seed, "prompt": case.item.prompt,
+                       "method": m.label, "word": word}
+                finite = bool(np.isfinite(heat).all())
                 for k in spec.metrics:
-                    v = _update(metrics[(m.label, k.label)], heat, mask, word)
+                    metric = metrics[(m.label, k.label)]
+                    v = _update(metric, heat, mask, word, key) if finite else metric.exclude(key, NAN_MAP)
                     row[k.label] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
                 samples.append(row)
     results = {key: metric.compute() for key, metric in metrics.items()}
@@ -186,8 +189,15 @@ def _update_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.update).parameters)
 
 
-def _update(metric, heat: np.ndarray, mask: np.ndarray, word: str) -> float:
-    """Feed one (map, mask, word) sample to a metric, passing only what its ``update`` takes."""
+#: Why an item with a NaN/inf attribution map is excluded.
+NAN_MAP = "attribution map is not finite (NaN or inf)"
+
+
+def _update(metric, heat: np.ndarray, mask: np.ndarray, word: str, key: str | None = None) -> float:
+    """Feed one (map, mask, word) sample to a metric, passing only what its ``update`` takes; ``key``
+    names the item (see :func:`~evalkit.suites.data.item_key`)."""
+    if key is not None:
+        metric.set_items(key)
     params = _update_params(type(metric))
     kwargs = {}
     if "mask" in params:
@@ -201,13 +211,29 @@ def _update(metric, heat: np.ndarray, mask: np.ndarray, word: str) -> float:
 
 
 def result_rows(result: SuiteResult) -> list[dict]:
-    """The result table as rows: method, metric, direction, value, CI95, n, excluded."""
+    """The result table as rows: method, metric, direction, value, CI95, n, excluded (with reasons)."""
     rows = []
     for (method, metric), r in result.results.items():
         rows.append({"method": method, "metric": metric, "direction": r.direction, "value": r.value,
                      "ci95_low": r.ci95[0] if r.ci95 else None, "ci95_high": r.ci95[1] if r.ci95 else None,
-                     "n": r.n, "excluded": r.n_excluded, "reduction": r.reduction})
+                     "n": r.n, "excluded": r.n_excluded, "reduction": r.reduction,
+                     "excluded_reasons": r.reason_counts()})
     return rows
+
+
+def item_rows(result: SuiteResult) -> list[dict]:
+    """Every per-item value of every (row, metric): item key, value (None when excluded), the
+    numerator and denominator of pooled metrics, and the reason an excluded item was left out."""
+    out = []
+    for (method, metric), r in result.results.items():
+        pooled = len(r.numerators) == len(r.per_sample) and r.reduction == "pooled"
+        for i, (key, v) in enumerate(zip(r.item_keys(), r.per_sample)):
+            ok = math.isfinite(v)
+            out.append({"method": method, "metric": metric, "item": key, "value": v if ok else None,
+                        "numerator": r.numerators[i] if pooled and ok else None,
+                        "denominator": r.denominators[i] if pooled and ok else None,
+                        "reduction": r.reduction, "excluded": "" if ok else r.reasons.get(key, "undefined")})
+    return out
 
 
 def save_image_grid(result: SuiteResult, path: Path, max_cases: int = 4) -> Path:

@@ -111,6 +111,12 @@ class SuiteSpec(_Strict):
     methods: list[MethodSpec]
     metrics: list[MetricSpec]
     expect: list[str] = Field(default_factory=list)
+    #: How claims are decided (docs/suites.md, "Verdicts"): interval confidence, multiplicity
+    #: correction over the suite's claims, fewest valid items a claim needs, bootstrap resamples.
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    correction: Literal["holm", "none"] = "holm"
+    min_n: int = Field(10, ge=2)
+    resamples: int = Field(10_000, ge=10_000)
 
     @field_validator("methods", "metrics")
     @classmethod

@@ -172,33 +172,25 @@ def invocation_key(data: dict, *, limit: int | None, methods: list[str] | None,
 
 
 @dataclass
-class StoredClaim:
-    """A claim outcome as it was judged (the same ``line()`` and ``passed`` as a live one)."""
-
-    text: str
-    passed: bool
-
-    def line(self) -> str:
-        return self.text
-
-
-@dataclass
 class StoredResult:
     """A finished invocation read back: what the summary, the report and ``cmd_run`` need."""
 
     spec: object  # SuiteSpec
     rows: list[dict]
-    claims: list[StoredClaim]
+    claims: list  # ClaimOutcome, exactly as judged (seeded resampling: a rerun would judge the same)
     n_cases: int
     figures: list[Path]
     mlflow_key: str
     key: str
     n_computed: int = 0
     samples: list[dict] = field(default_factory=list)
+    items: list[dict] = field(default_factory=list)
+    unassigned: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.claims)
+        """No claim FAILED."""
+        return not any(c.failed for c in self.claims)
 
 
 def _cache(cache_dir: str | Path) -> CaseCache:
@@ -206,7 +198,7 @@ def _cache(cache_dir: str | Path) -> CaseCache:
 
 
 def save_result(cache_dir: str | Path, key: str, result, rows: list[dict], figures: list[Path],
-                mlflow_key: str) -> Path:
+                mlflow_key: str, items: list[dict] | None = None) -> Path:
     """Store a finished invocation atomically (record + figure files, sha256-checked on load)."""
     names: list[str] = []
     files: dict[str, object] = {}
@@ -214,8 +206,9 @@ def save_result(cache_dir: str | Path, key: str, result, rows: list[dict], figur
         name = f.name if f.name not in files and f.suffix == ".png" else f"{i}-{f.stem}.png"
         files[name] = Path(f).read_bytes()
         names.append(name)
-    files[RECORD] = {"rows": rows, "claims": [[c.line(), bool(c.passed)] for c in result.claims],
-                     "n_cases": result.n_cases, "figures": names, "mlflow_key": mlflow_key}
+    files[RECORD] = {"rows": rows, "claims": [c.to_dict() for c in result.claims], "n_cases": result.n_cases,
+                     "figures": names, "mlflow_key": mlflow_key, "items": items or [],
+                     "unassigned": dict(getattr(result, "unassigned", {}) or {})}
     return _cache(cache_dir).store(key, files)
 
 
@@ -224,10 +217,16 @@ def load_result(cache_dir: str | Path, key: str, spec) -> StoredResult | None:
     d = _cache(cache_dir).load(key)
     if d is None:
         return None
+    from .claims import ClaimOutcome
+
     rec = json.loads((d / RECORD).read_text())
-    return StoredResult(spec=spec, rows=rec["rows"], claims=[StoredClaim(t, p) for t, p in rec["claims"]],
-                        n_cases=rec["n_cases"], figures=[d / n for n in rec["figures"]],
-                        mlflow_key=rec["mlflow_key"], key=key)
+    try:
+        claims = [ClaimOutcome.from_dict(c) for c in rec["claims"]]
+    except TypeError:  # a record from before verdicts had intervals: recompute
+        return None
+    return StoredResult(spec=spec, rows=rec["rows"], claims=claims, n_cases=rec["n_cases"],
+                        figures=[d / n for n in rec["figures"]], mlflow_key=rec["mlflow_key"], key=key,
+                        items=rec.get("items", []), unassigned=rec.get("unassigned", {}))
 
 
 def mlflow_up_to_date(uri: str, state_file: Path, mlflow_key: str) -> bool:

@@ -57,8 +57,14 @@ class _RunState:
 
 
 def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: str | None = None,
-              artifacts: list[Path] = (), samples_table: list[dict] | None = None) -> dict:
-    """Log ``result`` (a SuiteResult); returns ``{"parent": run_id, "<method>": run_id, ...}``."""
+              artifacts: list[Path] = (), samples_table: list[dict] | None = None,
+              items: list[dict] | None = None) -> dict:
+    """Log ``result`` (a SuiteResult); returns ``{"parent": run_id, "<method>": run_id, ...}``.
+
+    Parent run: claim verdicts (``claims_passed/_failed/_inconclusive``; per claim ``claim<i>.diff``,
+    ``.ci_low``, ``.ci_high``, ``.n``, ``.verdict`` = 1 passed / 0 inconclusive / -1 failed, and the
+    claim's line as tag ``claim<i>``; a ``claims.json`` table). Child runs: each metric's value, CI,
+    n and n_excluded, and an ``items.json`` table of its per-item values. NaN values are logged as NaN."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -107,15 +113,27 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
             if r.ci95:
                 values[f"{key}.ci95_low"], values[f"{key}.ci95_high"] = r.ci95
             values[f"{key}.n"] = r.n
+            values[f"{key}.n_excluded"] = r.n_excluded
         batches[rid] = ({"method": m.name, **{f"param.{k}": v for k, v in m.params.items()}}, values)
-    passed = sum(c.passed for c in result.claims)
-    batches[parent][1].update({"claims_passed": passed, "claims_failed": len(result.claims) - passed})
+    claim_metrics, claim_tags = _claim_metrics(result.claims)
+    batches[parent][1].update(claim_metrics)
+    batches[parent][0].update({"claims.confidence": spec.confidence, "claims.correction": spec.correction,
+                               "claims.min_n": spec.min_n, "claims.resamples": spec.resamples})
     for rid, (p, v) in batches.items():
         _log_batch(client, rid, p, v)
+    for k, v in claim_tags.items():
+        client.set_tag(parent, k, v)
     for path in artifacts:
-        client.log_artifact(parent, str(path))
+        if Path(path).is_file():
+            client.log_artifact(parent, str(path))
     if samples_table:
         client.log_table(parent, data=_columns(samples_table), artifact_file="samples.json")
+    if result.claims:
+        client.log_table(parent, data=_columns([c.to_dict() for c in result.claims]), artifact_file="claims.json")
+    for m in spec.methods:
+        mine = [r for r in items or [] if r["method"] == m.label]
+        if mine:
+            client.log_table(ids[m.label], data=_columns(mine), artifact_file="items.json")
     client.set_terminated(parent, "FINISHED")
     for name, rid in ids.items():
         if name != "parent":
@@ -123,6 +141,23 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
     state.data.setdefault("_complete", {})[invocation_key] = parent  # everything is logged
     state.put(invocation_key, known)
     return ids
+
+
+_VERDICT_CODE = {"PASSED": 1.0, "INCONCLUSIVE": 0.0, "FAILED": -1.0}
+
+
+def _claim_metrics(claims) -> tuple[dict[str, float], dict[str, str]]:
+    """Parent-run metrics and tags of the claims' verdicts (see :func:`log_suite`)."""
+    counts = {v: sum(c.verdict == v for c in claims) for v in _VERDICT_CODE}
+    metrics: dict[str, float] = {"claims_passed": counts["PASSED"], "claims_failed": counts["FAILED"],
+                                 "claims_inconclusive": counts["INCONCLUSIVE"]}
+    tags = {}
+    for i, c in enumerate(claims):
+        metrics.update({f"claim{i}.verdict": _VERDICT_CODE[c.verdict], f"claim{i}.diff": c.diff,
+                        f"claim{i}.ci_low": c.ci[0] if c.ci else float("nan"),
+                        f"claim{i}.ci_high": c.ci[1] if c.ci else float("nan"), f"claim{i}.n": c.n})
+        tags[f"claim{i}"] = c.line()[:4000]
+    return metrics, tags
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -141,9 +176,10 @@ def _log_batch(client, run_id: str, params: dict, metrics: dict) -> None:
     data = client.get_run(run_id).data
     now = int(time.time() * 1000)
     new_params = [Param(k, str(v)[:500]) for k, v in params.items() if k not in data.params]
-    new_metrics = [
-        Metric(k, float(v), now, 0) for k, v in metrics.items()
-        if v is not None and not (isinstance(v, float) and math.isnan(v)) and data.metrics.get(k) != float(v)
-    ]
+    def same(old, new: float) -> bool:
+        return old is not None and (old == new or (math.isnan(old) and math.isnan(new)))
+
+    new_metrics = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                   if v is not None and not same(data.metrics.get(k), float(v))]  # NaN is logged as NaN
     if new_params or new_metrics:
         client.log_batch(run_id, metrics=new_metrics, params=new_params)
