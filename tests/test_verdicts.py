@@ -99,7 +99,7 @@ def test_holm_levels_decide_as_statsmodels_multipletests():
     rng = np.random.default_rng(0)
     for _ in range(50):
         p = rng.uniform(0, 0.06, rng.integers(1, 8)).tolist()
-        levels = stats.holm_levels(p, 0.05, lambda i, level: p[i] <= level)
+        levels = stats.holm_levels(p, 0.05, lambda i, level, p=p: p[i] <= level)
         ours = [p[i] <= levels[i] for i in range(len(p))]
         assert ours == list(multipletests(p, alpha=0.05, method="holm")[0])
 
