@@ -70,13 +70,29 @@ def claim_cells(c) -> list[str]:
 
 
 def reason_lines(rows: list[dict], unassigned: dict[str, str] | None = None) -> list[str]:
-    """``method metric: count x reason`` for every row with excluded items, then items in no row."""
-    out = [f"{r['method']} {r['metric']}: {k} x {why}"
-           for r in rows for why, k in (r.get("excluded_reasons") or {}).items()]
+    """``count x reason: where`` for every exclusion reason, rows with the same count folded together
+    (``every row``, ``miou80@0.4 (every method)``, or ``method metric`` pairs), then items in no row."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    present = {(r["method"], r["metric"]) for r in rows}
+    groups: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for r in rows:
+        for why, k in (r.get("excluded_reasons") or {}).items():
+            groups.setdefault((why, k), []).append((r["method"], r["metric"]))
+    out = []
+    for (why, k), pairs in groups.items():
+        have = set(pairs)
+        if have == present and len(present) > 1:
+            out.append(f"{k} x {why}: every row")
+            continue
+        whole = [m for m in metrics if len(methods) > 1 and all((x, m) in have for x in methods if (x, m) in present)]
+        where = [f"{m} (every method)" for m in whole]
+        where += [f"{x} {m}" for x, m in pairs if m not in whole]
+        out.append(f"{k} x {why}: {', '.join(where)}")
     if unassigned:
         from collections import Counter
 
-        out += [f"(no row): {k} x {why}" for why, k in Counter(unassigned.values()).most_common()]
+        out += [f"{k} x {why}: in no row" for why, k in Counter(unassigned.values()).most_common()]
     return out
 
 

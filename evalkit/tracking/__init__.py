@@ -127,13 +127,13 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
         if Path(path).is_file():
             client.log_artifact(parent, str(path))
     if samples_table:
-        client.log_table(parent, data=_columns(samples_table), artifact_file="samples.json")
+        _log_table(client, parent, samples_table, "samples.json")
     if result.claims:
-        client.log_table(parent, data=_columns([c.to_dict() for c in result.claims]), artifact_file="claims.json")
+        _log_table(client, parent, [c.to_dict() for c in result.claims], "claims.json")
     for m in spec.methods:
         mine = [r for r in items or [] if r["method"] == m.label]
         if mine:
-            client.log_table(ids[m.label], data=_columns(mine), artifact_file="items.json")
+            _log_table(client, ids[m.label], mine, "items.json")
     client.set_terminated(parent, "FINISHED")
     for name, rid in ids.items():
         if name != "parent":
@@ -160,9 +160,17 @@ def _claim_metrics(claims) -> tuple[dict[str, float], dict[str, str]]:
     return metrics, tags
 
 
-def _columns(rows: list[dict]) -> dict[str, list]:
+def _log_table(client, run_id: str, rows: list[dict], name: str) -> None:
+    """A table artifact in MLflow's table layout (``columns`` + ``data`` rows), written whole: unlike
+    ``log_table``, which appends to an existing table, re-logging a run never duplicates rows."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    return {k: [r.get(k) for r in rows] for k in keys}
+    client.log_dict(run_id, {"columns": keys, "data": [[_plain(r.get(k)) for k in keys] for r in rows]}, name)
+
+
+def _plain(v):
+    if isinstance(v, float) and v != v:
+        return None  # JSON has no NaN
+    return v if isinstance(v, (str, int, float, bool, type(None))) else json.dumps(v, default=str)
 
 
 def _log_batch(client, run_id: str, params: dict, metrics: dict) -> None:
