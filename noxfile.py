@@ -68,8 +68,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Tracing overhead and memory, then first run vs identical rerun of task-a (ratios measured in one run)."""
+    """Tracing overhead and memory, then first run vs identical rerun of task-a (ratios measured in one run);
+    `-- --device cuda`: the GPU benchmark (untraced vs evalkit vs daam 0.2.0, benchmarks/bench_gpu.py)."""
     ensure_env(session)
+    if any(a.startswith("--device") for a in session.posargs):  # `-- --device cuda`: the GPU benchmark
+        session.run(PY, "benchmarks/bench_gpu.py", *session.posargs, env=_env())
+        return
     session.run(PY, "benchmarks/bench_trace.py", *session.posargs, env=_env())
     session.run(PY, "benchmarks/bench_rerun.py", *(["--check"] if "--check" in session.posargs else []), env=_env())
 

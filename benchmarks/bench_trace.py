@@ -90,11 +90,7 @@ def traced_stats(methods: Iterable[str] = TRACED_FOR) -> frozenset[str]:
 
 def recorder_nbytes(tracer: Tracer) -> int:
     """Bytes of every tensor the tracer's recorders hold (summed and per-step statistics)."""
-    total = 0
-    for rec in tracer.recorders:
-        total += sum(t.nbytes for t in rec.sums.values())
-        total += sum(t.nbytes for per_step in rec.steps.values() for t in per_step)
-    return total
+    return sum(rec.nbytes() for rec in tracer.recorders)
 
 
 @dataclass

@@ -38,17 +38,23 @@ def test_accumulated_statistic_bytes_do_not_depend_on_steps(bench, tiny_pipe):
     few = bench.stat_bytes_for_steps(tiny_pipe, 2, size=SIZE)
     many = bench.stat_bytes_for_steps(tiny_pipe, 4, size=SIZE)
     assert few == many > 0
-    # independent count: 3 statistics x (1 conditional row, heads, Q, 77 tokens) float32 per layer
+    # independent count per layer, float32: the attention sum and the attention-square sum over the
+    # (1 conditional row, heads, Q, 77 tokens), and the value norms (1, heads, 77) they are scaled by
+    # (norm and norm_sq follow from these; see LayerRecorder)
     latent_hw = (SIZE // 8, SIZE // 8)
     layers = [info for info, _ in find_cross_attention_layers(tiny_pipe.unet)]
-    assert few == sum(3 * layer.heads * math.prod(layer.grid(latent_hw)) * 77 * 4 for layer in layers)
+    assert few == sum((2 * layer.heads * math.prod(layer.grid(latent_hw)) * 77 + layer.heads * 77) * 4
+                      for layer in layers)
 
 
 def test_recorder_bytes_count_summed_and_per_step_tensors(bench):
     import torch
 
-    rec = SimpleNamespace(sums={"attn": torch.zeros(1, 2, 3, 4)},
-                          steps={"attn_steps": [torch.zeros(1, 5, 6, dtype=torch.float64)] * 3})
+    from evalkit.trace.processor import LayerRecorder
+
+    rec = LayerRecorder(frozenset({"attn", "attn_steps"}))
+    rec._sums = {"attn": torch.zeros(1, 2, 3, 4)}
+    rec.steps = {"attn_steps": [torch.zeros(1, 5, 6, dtype=torch.float64)] * 3}
     tracer = SimpleNamespace(recorders=[rec, rec])
     assert bench.recorder_nbytes(tracer) == 2 * (24 * 4 + 3 * 30 * 8)
 
@@ -99,3 +105,20 @@ def test_rerun_benchmark_reports_both_runs_and_the_store_hit(tmp_path):
     assert res["rerun_from_store"] is True
     assert res["first_s"] > 0 and res["rerun_s"] > 0
     assert res["ratio"] == pytest.approx(res["rerun_s"] / res["first_s"], rel=0.01, abs=1e-3)
+
+
+def test_gpu_benchmark_smoke_runs_every_variant_on_cpu():
+    """benchmarks/bench_gpu.py --quick: every variant (untraced, evalkit attn-only, evalkit all four
+    methods, per-step norm accumulation, daam 0.2.0 when installed) runs and the traced image is
+    bit-identical to the untraced one."""
+    import subprocess
+
+    script = BENCH.parent / "bench_gpu.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for variant in ("untraced", "evalkit-attn", "evalkit ", "evalkit-perstep"):
+        assert f"\n{variant}" in out.stdout
+    assert "evalkit image bit-identical to untraced: True" in out.stdout
+    cuda = subprocess.run([sys.executable, str(script), "--device", "cuda:7"], capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert cuda.returncode == 2 and "CUDA is not available" in cuda.stderr

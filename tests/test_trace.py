@@ -105,3 +105,42 @@ def test_trace_save_load_roundtrip(tiny_pipe, tmp_path):
     back = type(g.traces[0]).load(tmp_path / "t", tiny_pipe.tokenizer)
     assert back.layers == g.traces[0].layers and back.tokens.ids == g.traces[0].tokens.ids
     assert all(torch.equal(x, y) for x, y in zip(back.stats["attn"], g.traces[0].stats["attn"]))
+
+
+def test_norm_sums_from_attention_sums_equal_per_step_accumulation(tiny_pipe, monkeypatch):
+    """norm = sum_t A_t * n and norm_sq = sum_t (A_t * n)^2 are recorded as (sum_t A_t) * n and
+    (sum_t A_t^2) * n^2 while the values do not change (one segment per layer); forcing a new segment
+    at every call is the per-step accumulation. Both agree, with and without value steering (whose
+    window changes the values after the first step), and with two prompts in one batch."""
+    from evalkit.interventions import ValueSteering
+    from evalkit.trace import generate
+    from evalkit.trace.processor import TracingAttnProcessor
+
+    kw = dict(seeds=[3, 4], steps=3, guidance=7.5, height=64, width=64, stats={"attn", "norm", "norm_sq"})
+    prompts = ["a red bird on a branch", "a big bird near a cat"]  # "bird" at the same position
+    steer = [ValueSteering(["bird"], ["up, layer: 0, head: 0", "down, layer: 1, head: 1"], alpha=3.0, steps=1)]
+    segments = []
+    real_key = TracingAttnProcessor.value_key
+
+    def counting(self, context, edited):
+        key = real_key(self, context, edited)
+        segments.append(key)
+        return key
+
+    monkeypatch.setattr(TracingAttnProcessor, "value_key", counting)
+    factored = [generate(tiny_pipe, prompts, **kw).traces,
+                generate(tiny_pipe, prompts, interventions=steer, **kw).traces]
+    assert {k[0] for k in segments} == {1}  # the text embedding is one tensor for the whole generation
+    monkeypatch.setattr(TracingAttnProcessor, "value_key", lambda self, context, edited: None)  # per step
+    per_step = [generate(tiny_pipe, prompts, **kw).traces,
+                generate(tiny_pipe, prompts, interventions=steer, **kw).traces]
+    for fast, slow in zip(factored, per_step):
+        for tf, ts in zip(fast, slow):
+            for name in ("attn", "norm", "norm_sq"):
+                for a, b in zip(tf.stats[name], ts.stats[name]):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
+    # steering changed the bird token's norm statistic (the exact path was taken inside the window)
+    up0 = next(i for i, lay in enumerate(factored[0][0].layers) if lay.place == "up" and lay.index == 0)
+    bird = factored[0][0].tokens.positions("bird")[0]
+    plain, steered = (f[0].stats["norm"][up0][0, :, bird] for f in factored)
+    assert not torch.allclose(plain, steered)

@@ -26,7 +26,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-HEADER = ["method", "metric", "dir", "value", "CI95", "n", "excluded"]
+HEADER = ["method", "metric", "dir", "value", "CI95", "n", "n_excluded"]
 
 
 ITEM_COLUMNS = ["method", "metric", "item", "value", "numerator", "denominator", "reduction", "excluded"]

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,16 @@ STAT_DOCS: dict[str, str] = {
 
 class LayerRecorder:
     """Streaming accumulators of one attn2 layer; memory is independent of the number of steps
-    unless a per-step statistic ("*_steps") is requested."""
+    unless a per-step statistic ("*_steps") is requested.
+
+    The value norms n[h, k] = ||v[h, k] W_O^h|| of cross-attention come from the text embedding, which
+    does not change across denoising steps, so ``norm`` = sum_t A_t * n = (sum_t A_t) * n and
+    ``norm_sq`` = (sum_t A_t^2) * n^2. The recorder therefore accumulates attention sums over a
+    *segment* of calls with unchanged values and multiplies by the norms once, when the values change
+    (a value-steering window opens or closes, another prompt batch) or when the sums are read. Values
+    count as unchanged while the layer sees the same ``encoder_hidden_states`` tensor object, unmodified
+    (its version counter), and the same value edit; anything else starts a new segment, so the
+    result equals per-step accumulation (up to float rounding) in every case."""
 
     def __init__(self, stats: frozenset[str], cond_rows: slice | None = None) -> None:
         unknown = set(stats) - set(STAT_DOCS)
@@ -29,10 +39,48 @@ class LayerRecorder:
             raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(STAT_DOCS)}")
         self.stats = stats
         self.cond_rows = cond_rows
-        self.sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}
         self.steps: dict[str, list[torch.Tensor]] = {}
         self.n_calls = 0
         self.need_norm = bool(stats & {"norm", "norm_sq", "norm_steps"})
+        self.factor = bool(stats & {"norm", "norm_sq"})  # norm sums from attention sums x norms
+        self._seg: dict[str, torch.Tensor] = {}  # sum of A (and A^2) over the current segment
+        self._norms: torch.Tensor | None = None  # (B, H, K) value norms of the current segment
+        self._value_key: tuple | None = None
+        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The summed statistics (``attn``, ``norm``, ``norm_sq`` as requested) over all calls so far."""
+        if self._cache is not None and self._cache[0] == self.n_calls:
+            return self._cache[1]
+        out = dict(self._sums)
+        if self._seg:
+            if "attn" in self.stats:
+                out["attn"] = self._seg["attn"] if "attn" not in out else out["attn"] + self._seg["attn"]
+            if "norm" in self.stats:
+                part = self._seg["attn"] * self._norms[:, :, None, :]
+                out["norm"] = part if "norm" not in out else out["norm"] + part
+            if "norm_sq" in self.stats:
+                part = self._seg["attn_sq"] * self._norms.square()[:, :, None, :]
+                out["norm_sq"] = part if "norm_sq" not in out else out["norm_sq"] + part
+        self._cache = (self.n_calls, out)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the accumulators (sums, the open segment, its norms, per-step lists)."""
+        held = [*self._sums.values(), *self._seg.values(), *(t for ts in self.steps.values() for t in ts)]
+        if self._norms is not None:
+            held.append(self._norms)
+        return sum(t.nbytes for t in held)
+
+    def _flush(self) -> None:
+        """Close the current segment: fold its attention sums times its norms into the totals."""
+        if not self._seg:
+            return
+        self._sums = {k: v for k, v in self.sums.items()}
+        self._seg = {}
+        self._cache = None
 
     def _rows(self, batch: int) -> slice:
         """Rows of the batch that belong to the conditional half of classifier-free guidance."""
@@ -48,42 +96,55 @@ class LayerRecorder:
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        value_key: tuple | None = None,
     ) -> None:
-        """Add one call's statistics. ``query`` (B, H, Q, d), ``key``/``value`` (B, H, K, d)."""
+        """Add one call's statistics. ``query`` (B, H, Q, d), ``key``/``value`` (B, H, K, d);
+        ``value_key`` identifies the values (see :meth:`TracingAttnProcessor.value_key`; None: they
+        may have changed since the last call)."""
         rows = self._rows(query.shape[0])
         q = query[rows].float()
         k = key[rows].float()
         scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask[rows].float()
-        self._accumulate(attn, scores.softmax(dim=-1), value[rows])
+        self._accumulate(attn, scores.softmax(dim=-1), value[rows], value_key)
 
     @torch.no_grad()
-    def record_probs(self, attn, probs: torch.Tensor, value: torch.Tensor) -> None:
+    def record_probs(self, attn, probs: torch.Tensor, value: torch.Tensor, value_key: tuple | None = None) -> None:
         """Add one call's statistics from probabilities already computed (and possibly edited)."""
         rows = self._rows(probs.shape[0])
-        self._accumulate(attn, probs[rows].float(), value[rows])
+        self._accumulate(attn, probs[rows].float(), value[rows], value_key)
 
-    def _accumulate(self, attn, probs: torch.Tensor, value: torch.Tensor) -> None:
+    def _accumulate(self, attn, probs: torch.Tensor, value: torch.Tensor, value_key: tuple | None) -> None:
         """``probs`` (B, H, Q, K) and ``value`` (B, H, K, d) of the conditional rows."""
         self.n_calls += 1
-        if "attn" in self.stats:
-            self._add("attn", probs)
+        self._cache = None
         if "attn_steps" in self.stats:
             self.steps.setdefault("attn_steps", []).append(probs.mean(dim=1))
-        if self.need_norm:
-            contrib = probs * self.value_norms(attn, value)[:, :, None, :]
-            if "norm" in self.stats:
-                self._add("norm", contrib)
+        norms = None
+        if self.factor:
+            if value_key is None or value_key != self._value_key or self._norms is None:
+                self._flush()  # the values changed: a new segment with new norms
+                self._norms = self.value_norms(attn, value)
+                self._value_key = value_key
+            norms = self._norms
+            self._seg_add("attn", probs)
             if "norm_sq" in self.stats:
-                self._add("norm_sq", contrib.square())
-            if "norm_steps" in self.stats:
-                self.steps.setdefault("norm_steps", []).append(contrib.mean(dim=1))
+                acc = self._seg.get("attn_sq")
+                if acc is None:
+                    self._seg["attn_sq"] = probs.square()
+                else:
+                    acc.addcmul_(probs, probs)  # one fused kernel: launches dominate on a GPU
+        elif "attn" in self.stats:
+            self._seg_add("attn", probs)
+        if "norm_steps" in self.stats:
+            norms = norms if norms is not None else self.value_norms(attn, value)
+            self.steps.setdefault("norm_steps", []).append((probs * norms[:, :, None, :]).mean(dim=1))
 
-    def _add(self, name: str, x: torch.Tensor) -> None:
-        acc = self.sums.get(name)
+    def _seg_add(self, name: str, x: torch.Tensor) -> None:
+        acc = self._seg.get(name)
         if acc is None:
-            self.sums[name] = x.clone()
+            self._seg[name] = x.clone()
         else:
             acc.add_(x)
 
@@ -148,6 +209,20 @@ class TracingAttnProcessor:
         self.cond_rows = cond_rows
         self.observer = observer  # callable(attn, query, key, value, rows): read-only analyses (HRV construction)
         self.n_calls = 0
+        self._context: weakref.ref | None = None
+        self._context_version = -1
+        self._context_serial = 0
+
+    def value_key(self, encoder_hidden_states: torch.Tensor, value_edited: bool) -> tuple:
+        """A key that stays equal while this layer's value vectors cannot have changed: the same
+        ``encoder_hidden_states`` tensor object (alive, same version counter) and the same value edit."""
+        same = (self._context is not None and self._context() is encoder_hidden_states
+                and encoder_hidden_states._version == self._context_version)
+        if not same:
+            self._context = weakref.ref(encoder_hidden_states)
+            self._context_version = encoder_hidden_states._version
+            self._context_serial += 1
+        return (self._context_serial, value_edited)
 
     def __call__(
         self,
@@ -176,6 +251,7 @@ class TracingAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # values' source
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
@@ -196,11 +272,13 @@ class TracingAttnProcessor:
         rows = self.cond_rows if self.cond_rows is not None else slice(0, batch_size)
         if self.observer is not None:
             self.observer(attn, query, key, value, rows)
-        if edit is not None and edit.value_scale is not None and (
+        value_edited = edit is not None and edit.value_scale is not None and (
             edit.value_steps is None or self.n_calls < edit.value_steps
-        ):
+        )
+        if value_edited:
             value = value.clone()
             value[rows] = value[rows] * edit.value_scale.to(value)[None, :, :, None]
+        vkey = self.value_key(context, value_edited) if self.recorder is not None else None
         if edit is not None and edit.prob_scale is not None:
             scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
@@ -209,13 +287,13 @@ class TracingAttnProcessor:
             probs[rows] = probs[rows] * edit.prob_scale.to(probs)[None, :, None, :]
             out = torch.matmul(probs, value)
             if self.recorder is not None:
-                self.recorder.record_probs(attn, probs, value)
+                self.recorder.record_probs(attn, probs, value, vkey)
         else:
             out = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
             if self.recorder is not None:
-                self.recorder.record(attn, query, key, value, attention_mask)
+                self.recorder.record(attn, query, key, value, attention_mask, vkey)
         if edit is not None and edit.head_scale is not None:
             out = out * edit.head_scale.to(out)[None, :, None, None]
         self.n_calls += 1
