@@ -14,6 +14,8 @@ from pathlib import Path
 #: errors (unknown method or metric, word not in prompt, malformed suite, missing mask, model not
 #: found) subclass these. torch is imported only by the commands that need it.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
+#: The methods `evalkit attribute` runs when --methods is not given.
+DEFAULT_METHODS = ("daam", "raw-attn", "norm", "hrv-selective")
 
 
 def _parse_value(text: str):
@@ -65,17 +67,45 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .methods import create_method, get_method_class
+    from . import preflight
+    from .methods import get_method_class
     from .models import load
     from .trace import generate, tokenize_prompt
 
-    method_names = _split(args.methods)
+    explicit = args.methods is not None
+    method_names = _split(args.methods) if explicit else list(DEFAULT_METHODS)
     if not method_names:
         raise ValueError("--methods is empty: name at least one method (see `evalkit methods`)")
     for name in method_names:
         get_method_class(name)  # unknown names fail before any model is loaded
     params = parse_method_params(args.param or [], method_names)
-    methods = [create_method(name, **params[name]) for name in method_names]
+    given = {n: ", ".join(f"{n}.{k}={v}" for k, v in p.items()) for n, p in params.items()}  # as the user wrote
+    preflight.check_sampling(args.steps, args.guidance, args.prompt, args.height, args.width)
+    preflight.check_device(args.device)
+    if "hrv-selective" in method_names:
+        heads = preflight.model_head_names(args.model)
+        hp = params["hrv-selective"]
+        if "hrv" not in hp:
+            found = preflight.hrv_for_model(args.model, heads)
+            if found is None and explicit:
+                raise ValueError(f"--methods hrv-selective: no head relevance vectors are known for model "
+                                 f"{args.model!r}; pass --param hrv-selective.hrv=FILE (built with "
+                                 "evalkit.analysis.build_hrv)")
+            if found is None:
+                print(f"hrv-selective skipped: no head relevance vectors are known for {args.model!r} "
+                      "(pass --methods and --param hrv-selective.hrv=FILE to run it)")
+                method_names.remove("hrv-selective")
+            else:
+                hp["hrv"] = found
+        if "hrv-selective" in method_names:
+            from .methods import HeadRelevance
+
+            hrv = HeadRelevance.load(hp["hrv"])
+            preflight.check_hrv_heads(hrv, heads, "hrv-selective", args.model)
+            if "concept" not in hp and "Animals" not in hrv.vectors:  # the default concept: take the file's
+                hp["concept"] = next(iter(hrv.vectors))
+    methods = [preflight.build("method", name, params[name], f"--param {given[name]}" if given[name]
+                               else f"--methods {name}") for name in method_names]
     pipe = load(args.model, scheduler=args.scheduler, dtype=args.dtype, device=args.device)
     tokens = tokenize_prompt(pipe.tokenizer, args.prompt, truncate=args.truncate)
     words = _split(args.words) or list(dict.fromkeys(w.text for w in tokens.words if w.text.isalnum()))
@@ -119,10 +149,13 @@ def cmd_suites(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate a suite file (schema, method and metric names, claims)."""
+    """Validate a suite file (schema, names, claims) and run the preflight a run would (methods and
+    metrics built with their parameters, HRV heads, scheduler, data files, device)."""
+    from .preflight import check_suite
     from .suites import load_suite
 
     spec = load_suite(args.suite)
+    check_suite(spec)
     print(f"{args.suite}: OK ({len(spec.methods)} methods, {len(spec.metrics)} metrics, {len(spec.expect)} claims)")
     return 0
 
@@ -200,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--scheduler", default=None, help="ddim, dpm-solver, pndm or euler (default: the model's)")
-    p.add_argument("--methods", default="daam,raw-attn,norm,hrv-selective")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; hrv-selective with the "
+                        "model's own head relevance vectors, skipped when none are known)")
     p.add_argument("--param", action="append", help="method parameter METHOD.NAME=VALUE (repeatable)")
     p.add_argument("--words", default=None, help="comma-separated words (default: every word of the prompt)")
     p.add_argument("--out", required=True, help="output folder")
@@ -245,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 a claim FAILED, 2 input error)."""
+    """Entry point; returns the exit code (0 ok, 1 a claim FAILED, 2 bad input, 3 an environment or
+    internal error, with the traceback in a log file)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -258,6 +294,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except INPUT_ERRORS as err:
         print(f"evalkit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("evalkit: interrupted (a suite resumes from its cache on the next run)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last resort: one line and a log, exit 3
+        from .preflight import EnvironmentProblem
+
+        if isinstance(err, EnvironmentProblem):
+            print(f"evalkit: environment error: {err}", file=sys.stderr)
+            return 3
+        log = _write_traceback(args)
+        print(f"evalkit: internal error: {type(err).__name__}: {err} (traceback in {log})", file=sys.stderr)
+        return 3
+
+
+def _write_traceback(args: argparse.Namespace) -> Path:
+    """Write the current exception's traceback to ``<reports>/<suite or command>/errors/<stamp>.log``
+    (or the system temp folder when that is not writable); returns the file."""
+    import tempfile
+    import traceback
+    from datetime import datetime, timezone
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    name = Path(getattr(args, "suite", "") or args.command).stem or "evalkit"
+    text = f"evalkit {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    for root in (Path(getattr(args, "reports_dir", None) or "reports") / name / "errors", Path(tempfile.gettempdir())):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            path = root / f"evalkit-{stamp}.log"
+            path.write_text(text)
+            return path.resolve()
+        except OSError:
+            continue
+    return Path("(not written)")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,11 @@ def execute(
     spec = load_suite(suite, overrides)
     if methods:
         spec = select_methods(spec, methods)
+    from ..preflight import check_suite, check_writable
+
+    check_suite(spec, limit=limit, reports_dir=reports_dir,
+                tracking_uri=(tracking_uri or _default_uri()) if tracking else None)
+    check_writable(cache_dir, "cache folder")
     result = run_suite(spec, cache_dir=cache_dir, limit=limit, progress=progress)
     rows = result_rows(result)
     items = item_rows(result)
@@ -125,6 +130,12 @@ def execute(
                   samples_table=result.samples, items=items)
     print(f"report: {report / 'report.md'}")
     return result, report
+
+
+def _default_uri() -> str:
+    from ..tracking import default_tracking_uri
+
+    return default_tracking_uri()
 
 
 def _stored(data: dict, methods, cache_dir, key, load_result):

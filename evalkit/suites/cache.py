@@ -36,8 +36,7 @@ class CaseCache:
     """Read and write per-case entries under ``root``."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)  # created by the first store(): looking entries up writes nothing
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / key

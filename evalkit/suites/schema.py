@@ -16,7 +16,7 @@ class SamplerSpec(_Strict):
 
     scheduler: str | None = None
     steps: int = Field(20, ge=1)
-    guidance: float = 7.5
+    guidance: float = Field(7.5, ge=0.0)
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
 

@@ -118,14 +118,15 @@ def tokenize_prompt(tokenizer, prompt: str, truncate: bool = False) -> PromptTok
         raise ValueError(
             "the tokenizer has no model_max_length (it is unbounded): build it with model_max_length=77"
         )
-    ids = list(tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"])
     if len(ids) > max_length:
         msg = (
             f"prompt {prompt!r} has {len(ids)} tokens with start/end tokens, more than the "
             f"text encoder's {max_length}"
         )
         if not truncate:
-            raise PromptTooLongError(msg + ": shorten it, or pass truncate=True to cut it as the pipeline does")
+            raise PromptTooLongError(msg + ": shorten it, or cut it as the pipeline does (CLI: --truncate; "
+                                     "Python: truncate=True)")
         warnings.warn(msg + f"; it is truncated to the first {max_length} tokens", stacklevel=2)
         ids = ids[: max_length - 1] + [ids[-1]]
     pieces = tokenizer.convert_ids_to_tokens(ids)

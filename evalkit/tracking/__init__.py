@@ -65,12 +65,10 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
     ``.ci_low``, ``.ci_high``, ``.n``, ``.verdict`` = 1 passed / 0 inconclusive / -1 failed, and the
     claim's line as tag ``claim<i>``; a ``claims.json`` table). Child runs: each metric's value, CI,
     n and n_excluded, and an ``items.json`` table of its per-item values. NaN values are logged as NaN."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = MlflowClient(uri)  # not mlflow.set_tracking_uri: that changes the process (and its env) for good
     spec = result.spec
     experiment = f"evalkit/{spec.name}"
     exp = client.get_experiment_by_name(experiment)
