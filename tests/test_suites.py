@@ -227,3 +227,32 @@ def test_methods_filter_selects_variants_of_protocol_suites_and_their_claims():
     task = select_methods(load_suite("task-a"), ["daam", "hrv-30"])
     assert [m.label for m in task.methods] == ["daam", "hrv-30"]
     assert task.expect == ["daam.miou-inf@0.4 > 0.2", "hrv-30.miou-inf@0.4 >= daam.miou-inf@0.4"]
+
+
+def test_method_subsets_and_added_methods_rescore_from_the_cache(tmp_path, tiny_pipe, capsys):
+    """Each method's maps are a cache entry of their own: a subset of methods after a full run computes
+    nothing; an added method generates only for itself and leaves the cached methods' numbers alone; a
+    flipped byte in an entry is noticed, counted and recomputed to the same result."""
+    from evalkit.suites import run_suite, select_methods
+
+    spec = load_suite(str(_write(tmp_path)))
+    full = run_suite(spec, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
+    subset = run_suite(select_methods(spec, ["daam"]), cache_dir=tmp_path / "c", progress=False, pipe=None)
+    assert (full.n_computed, subset.n_computed) == (3, 0)  # pipe=None: nothing was even loaded
+    assert subset.results[("daam", "miou-inf@0.4")].per_sample == full.results[("daam", "miou-inf@0.4")].per_sample
+    grown = spec.model_copy(update={"methods": [*spec.methods, spec.methods[0].model_copy(
+        update={"name": "raw-attn"})]})
+    more = run_suite(grown, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
+    assert more.n_computed == 3 and more.results[("norm", "relevance-mass")].per_sample == \
+        full.results[("norm", "relevance-mass")].per_sample
+    # corrupt one maps entry: a one-line notice, counted, recomputed, same numbers
+    target = full.map_dirs[1]["norm"] / "maps.npz"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    capsys.readouterr()
+    again = run_suite(spec, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
+    notice = capsys.readouterr().err
+    assert "is corrupt (checksum mismatch); recomputing it" in notice and again.n_corrupt == 1
+    assert again.n_computed == 1
+    assert again.results[("norm", "relevance-mass")].per_sample == full.results[("norm", "relevance-mass")].per_sample

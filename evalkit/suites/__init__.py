@@ -36,7 +36,9 @@ def print_summary(result, rows: list[dict]) -> None:
     from ..reports import HEADER, reason_lines, table_rows
 
     console = Console(width=None if sys.stdout.isatty() else 130)  # logs and pipes get the whole table
-    table = Table(title=f"{result.spec.name}: {result.n_cases} cases ({result.n_computed} computed)")
+    corrupt = getattr(result, "n_corrupt", 0)
+    table = Table(title=f"{result.spec.name}: {result.n_cases} cases ({result.n_computed} computed"
+                        + (f"; {corrupt} corrupt cache entries recomputed" if corrupt else "") + ")")
     for h in HEADER:
         table.add_column(h, no_wrap=True)
     for r in table_rows(rows):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class CaseCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)  # created by the first store(): looking entries up writes nothing
+        self.n_corrupt = 0  # entries found corrupt by load() (and removed, to be recomputed)
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -53,6 +55,9 @@ class CaseCache:
                 return d
         except (OSError, ValueError, KeyError):
             pass
+        self.n_corrupt += 1
+        print(f"evalkit: cache entry {key[:12]} in {self.root} is corrupt (checksum mismatch); recomputing it",
+              file=sys.stderr)
         shutil.rmtree(d, ignore_errors=True)
         return None
 

@@ -990,8 +990,8 @@ def run_protocol(spec: SuiteSpec, *, cache_dir: str | Path = ".cache/evalkit", l
         "protocol_code": protocol_code_version(),
     }
     target = methods if spec.protocol == "aggregation-ablation" else variants
-    n_computed, dirs = run_cases(spec, cases, base, cache_dir, pipe, progress,
-                                 lambda p, case: compute(p, spec, case, target, method, stats))
+    n_computed, dirs, n_corrupt = run_cases(spec, cases, base, cache_dir, pipe, progress,
+                                            lambda p, case: compute(p, spec, case, target, method, stats))
     figures_dir = Path(cache_dir) / "figures" / spec.name
     results, samples, figures, *rest = score(spec, cases, dirs, variants, figures_dir)
     unassigned = rest[0] if rest else {}
@@ -1002,4 +1002,4 @@ def run_protocol(spec: SuiteSpec, *, cache_dir: str | Path = ".cache/evalkit", l
         result_spec = spec.model_copy(update={"methods": [MethodSpec(name=name, id=v.id, params=v.params)
                                                           for v in variants]})
     return SuiteResult(result_spec, results, claims, cases, dirs, n_computed, samples, figures=list(figures),
-                       unassigned=unassigned)
+                       unassigned=unassigned, n_corrupt=n_corrupt)

@@ -58,6 +58,10 @@ class SuiteResult:
     figures: list[Path] = field(default_factory=list)  # extra figures of protocol suites (report, MLflow)
     #: Items that belong to no row, with the reason (e.g. a word spaCy cannot tag has no POS group).
     unassigned: dict[str, str] = field(default_factory=dict)
+    #: Per case, the maps entry of each method (attribution protocol).
+    map_dirs: list[dict[str, Path]] = field(default_factory=list)
+    #: Cache entries found corrupt (checksum mismatch) and recomputed.
+    n_corrupt: int = 0
 
     @property
     def passed(self) -> bool:
@@ -90,85 +94,116 @@ def run_suite(
     items = load_items(spec.data, limit)
     cases = _cases(spec, items)
     methods = {m.label: create_method(m.name, **m.params) for m in spec.methods}
-    stats = sorted(set().union(*(m.needs for m in methods.values())))
-    base = {
-        "model": model_fingerprint(spec.model),
-        "dtype": spec.dtype,
-        "sampler": spec.sampler.model_dump(),
-        "stats": stats,
-        "methods": {m.label: {"name": m.name, "params": methods[m.label].params()} for m in spec.methods},
-        "options": spec.options,
-        "code": code_version(),
-    }
-    n_computed, dirs = run_cases(spec, cases, base, cache_dir, pipe, progress,
-                                 lambda p, case: _compute_case(p, spec, case, methods, stats))
-    results, samples = _score(spec, cases, dirs)
-    return SuiteResult(spec, results, judge_spec(spec, results), cases, dirs, n_computed, samples)
+    code = code_version()
+    # a case entry (image, masks, metadata) does not depend on the methods; each method's maps are an
+    # entry of their own, so a subset of methods, or another method next to cached ones, re-scores
+    # without generating whatever is cached
+    base = {"model": model_fingerprint(spec.model), "dtype": spec.dtype, "sampler": spec.sampler.model_dump(),
+            "options": spec.options, "code": code}
+    cache, maps = CaseCache(cache_dir), CaseCache(Path(cache_dir) / "maps")
+    key_cases(cases, base)
+    map_keys = {label: {c.key: content_key({"case": c.key, "method": m.name, "params": m.params(), "code": code})
+                        for c in cases} for label, m in methods.items()}
+    todo = []
+    for case in cases:
+        missing = [label for label in methods if maps.load(map_keys[label][case.key]) is None]
+        have_case = cache.load(case.key) is not None
+        if missing or not have_case:
+            todo.append((case, missing, have_case))
+    if todo and pipe is None:
+        pipe = _load_pipe(spec)
+    with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
+        bar.update(len(cases) - len(todo))
+        for case, missing, have_case in todo:
+            files, per_method = _compute_case(pipe, spec, case, {m: methods[m] for m in missing})
+            if not have_case:
+                cache.store(case.key, files)
+            for label, mfiles in per_method.items():
+                maps.store(map_keys[label][case.key], mfiles)
+            bar.update(1)
+    dirs = [cache.path(c.key) for c in cases]
+    map_dirs = [{label: maps.path(map_keys[label][c.key]) for label in methods} for c in cases]
+    results, samples = _score(spec, cases, dirs, map_dirs)
+    return SuiteResult(spec, results, judge_spec(spec, results), cases, dirs, len(todo), samples,
+                       map_dirs=map_dirs, n_corrupt=cache.n_corrupt + maps.n_corrupt)
 
 
-def run_cases(spec: SuiteSpec, cases: list[Case], base: dict, cache_dir: str | Path, pipe, progress: bool,
-              compute) -> tuple[int, list[Path]]:
-    """Key every case (``base`` + prompt, seed, words and a digest of its masks), compute the
-    missing ones with ``compute(pipe, case) -> files`` and store each atomically; the pipeline is
-    loaded only when something is missing. Returns (number computed, entry folders)."""
-    cache = CaseCache(cache_dir)
+def key_cases(cases: list[Case], base: dict) -> None:
+    """Key every case: ``base`` + prompt, seed, words and a digest of its masks."""
     for case in cases:
         digests = {w: hashlib.sha256(np.packbits(m).tobytes()).hexdigest()[:16] for w, m in case.item.masks.items()}
         case.key = content_key({**base, "prompt": case.item.prompt, "seed": case.seed, "words": case.item.words,
                                 "masks": digests})
+
+
+def _load_pipe(spec: SuiteSpec):
+    from ..models import load
+
+    return load(spec.model, scheduler=spec.sampler.scheduler, dtype=spec.dtype, device=spec.device)
+
+
+def run_cases(spec: SuiteSpec, cases: list[Case], base: dict, cache_dir: str | Path, pipe, progress: bool,
+              compute) -> tuple[int, list[Path], int]:
+    """Key every case (``base`` + prompt, seed, words and a digest of its masks), compute the
+    missing ones with ``compute(pipe, case) -> files`` and store each atomically; the pipeline is
+    loaded only when something is missing. Returns (number computed, entry folders, corrupt entries
+    found and recomputed)."""
+    cache = CaseCache(cache_dir)
+    key_cases(cases, base)
     todo = [c for c in cases if cache.load(c.key) is None]
     if todo and pipe is None:
-        from ..models import load
-
-        pipe = load(spec.model, scheduler=spec.sampler.scheduler, dtype=spec.dtype, device=spec.device)
+        pipe = _load_pipe(spec)
     with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
         bar.update(len(cases) - len(todo))
         for case in todo:
             cache.store(case.key, compute(pipe, case))
             bar.update(1)
-    return len(todo), [cache.path(c.key) for c in cases]
+    return len(todo), [cache.path(c.key) for c in cases], cache.n_corrupt
 
 
-def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict, stats: list[str]) -> dict:
+def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict) -> tuple[dict, dict[str, dict]]:
+    """Generate and trace one case (recording what ``methods`` need); returns the case entry's files
+    and, per method label, its maps entry's files."""
     from ..trace import generate
 
     s = spec.sampler
+    stats = sorted(set().union(*(m.needs for m in methods.values()))) if methods else []
     gen = generate(pipe, case.item.prompt, seeds=case.seed, steps=s.steps, guidance=s.guidance, height=s.height,
                    width=s.width, stats=stats)
     trace = gen.traces[0]
-    maps: dict[str, np.ndarray] = {}
+    per_method = {}
     for label, method in methods.items():
         att: Attribution = method.attribute(trace, case.item.words)
-        for word, m in att.maps.items():
-            maps[f"{label}/{word}"] = m.numpy().astype(np.float32)
-    upsample = {label: m.upsample for label, m in methods.items()}
+        per_method[label] = {"maps.npz": {w: m.numpy().astype(np.float32) for w, m in att.maps.items()},
+                             "method.json": {"name": method.name, "params": method.params(),
+                                             "upsample": method.upsample}}
     meta = {"prompt": case.item.prompt, "seed": case.seed, "item": case.item.id, "words": case.item.words,
-            "tokens": list(trace.tokens.pieces), "image_hw": list(trace.image_hw), "upsample": upsample,
-            "n_unet_calls": trace.n_steps}
+            "tokens": list(trace.tokens.pieces), "image_hw": list(trace.image_hw), "n_unet_calls": trace.n_steps}
     from .protocols import case_masks
 
     masks = {w: m.astype(np.uint8) for w, m in case_masks(spec, case.item, gen.images[0]).items()}
-    return {"image.png": gen.images[0], "maps.npz": maps, "masks.npz": masks, "case.json": meta}
+    return {"image.png": gen.images[0], "masks.npz": masks, "case.json": meta}, per_method
 
 
-def load_case_attribution(case_dir: Path, method: str) -> Attribution:
-    """Rebuild a method's :class:`Attribution` of one cached case."""
+def load_case_attribution(case_dir: Path, maps_dir: Path, label: str) -> Attribution:
+    """Rebuild a method's :class:`Attribution` of one cached case from its maps entry."""
     meta = read_json(case_dir / "case.json")
-    with np.load(case_dir / "maps.npz") as z:
-        maps = {k.split("/", 1)[1]: torch.from_numpy(z[k]) for k in z.files if k.split("/", 1)[0] == method}
-    return Attribution(method=method, prompt=meta["prompt"], tokens=meta["tokens"], maps=maps,
-                       image_hw=tuple(meta["image_hw"]), upsample=meta["upsample"][method])
+    info = read_json(maps_dir / "method.json")
+    with np.load(maps_dir / "maps.npz") as z:
+        maps = {w: torch.from_numpy(z[w]) for w in z.files}
+    return Attribution(method=label, prompt=meta["prompt"], tokens=meta["tokens"], maps=maps,
+                       image_hw=tuple(meta["image_hw"]), upsample=info["upsample"], params=info["params"])
 
 
-def _score(spec: SuiteSpec, cases: list[Case], dirs: list[Path]):
+def _score(spec: SuiteSpec, cases: list[Case], dirs: list[Path], map_dirs: list[dict[str, Path]]):
     """Metric values per (method, metric) from the cached maps and masks."""
     metrics = {(m.label, k.label): create_metric(k.name, **k.params) for m in spec.methods for k in spec.metrics}
     samples: list[dict] = []
-    for case, d in zip(cases, dirs):
+    for case, d, md in zip(cases, dirs, map_dirs):
         with np.load(d / "masks.npz") as z:
             masks = {w: z[w].astype(bool) for w in z.files}
         for m in spec.methods:
-            att = load_case_attribution(d, m.label)
+            att = load_case_attribution(d, md[m.label], m.label)
             for word, mask in masks.items():
                 heat = att.to_image(mask.shape)[word].numpy()
                 key = item_key(case.item.id, case.seed, word)
@@ -243,17 +278,17 @@ def save_image_grid(result: SuiteResult, path: Path, max_cases: int = 4) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(zip(result.cases, result.case_dirs))[:max_cases]
+    cases = list(zip(result.cases, result.case_dirs, result.map_dirs))[:max_cases]
     methods = [m.label for m in result.spec.methods]
     fig, axes = plt.subplots(len(cases), len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.2 * len(cases)),
                              squeeze=False)
-    for i, (case, d) in enumerate(cases):
+    for i, (case, d, md) in enumerate(cases):
         image = Image.open(d / "image.png").convert("RGB")
         word = case.item.words[0]
         axes[i][0].imshow(image)
         axes[i][0].set_title(case.item.prompt[:28], fontsize=6)
         for j, m in enumerate(methods):
-            load_case_attribution(d, m).overlay(image, word, ax=axes[i][j + 1])
+            load_case_attribution(d, md[m], m).overlay(image, word, ax=axes[i][j + 1])
             axes[i][j + 1].set_title(f"{m}: {word}", fontsize=7)
         for ax in axes[i]:
             ax.axis("off")
