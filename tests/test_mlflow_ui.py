@@ -92,7 +92,7 @@ def test_runs_read_back_through_rest(server, logged):
     result, ids = logged
     exp = _api(server, "experiments/get-by-name?experiment_name=evalkit/ui-check")["experiment"]
     runs = _api(server, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-    by_name = {r["info"]["run_name"]: r for r in runs}
+    by_name = {r["info"]["run_name"].split(" | ")[0]: r for r in runs}  # the suite run: "ui-check | model | ..."
     assert set(by_name) == {"ui-check", "daam", "raw-attn"}
     daam = by_name["daam"]
     tags = {t["key"]: t["value"] for t in daam["data"]["tags"]}

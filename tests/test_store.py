@@ -168,7 +168,8 @@ def test_a_plugin_method_runs_in_a_suite_next_to_the_builtins_in_mlflow(tmp_path
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("evalkit/tiny-store")
-    found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    found = {("tiny-store" if r.data.tags["evalkit.role"] == "suite" else r.info.run_name): r
+             for r in client.search_runs([exp.experiment_id])}
     assert set(found) == {"tiny-store", "daam", "up-attn"}
     parent = found["tiny-store"].info.run_id
     assert found["up-attn"].data.tags["mlflow.parentRunId"] == parent == found["daam"].data.tags["mlflow.parentRunId"]

@@ -161,8 +161,13 @@ def test_run_kill9_resume_same_numbers_no_duplicate_runs(tmp_path, tiny_pipe):
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("evalkit/tiny")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["daam", "norm", "tiny"]  # one parent, one per method
-    parent = next(r for r in runs if r.info.run_name == "tiny")
+    parent = next(r for r in runs if r.data.tags.get("evalkit.role") == "suite")  # one parent, one per method
+    assert sorted(r.info.run_name for r in runs if r is not parent) == ["daam", "norm"] and len(runs) == 3
+    assert parent.info.run_name.startswith("tiny | tiny-sd | n=3 | ")  # what tells suite runs apart
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.metrics["norm/miou-inf_tau0.4"] == pytest.approx(next(
+        r["value"] for r in a if r["method"] == "norm" and r["metric"] == "miou-inf@0.4"))
+    assert "FAILED norm.relevance-mass > 2.0" in parent.data.tags["mlflow.note.content"]
     child = next(r for r in runs if r.info.run_name == "norm")
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.data.metrics["miou-inf_tau0.4"] == pytest.approx(next(

@@ -276,13 +276,21 @@ def test_cli_exit_codes_items_mlflow_and_compare(tmp_path):
 
     client = mlflow.tracking.MlflowClient(uri)
     exp = client.get_experiment_by_name("evalkit/tiny-verdicts")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    runs = {r.info.run_name.split(" | ")[0]: r for r in client.search_runs([exp.experiment_id])}
     parent = runs["tiny-verdicts"]
     assert parent.data.metrics["claims_inconclusive"] == 1 and parent.data.metrics["claim0.verdict"] == 0
     assert "INCONCLUSIVE" in parent.data.tags["claim0"]
     assert "items.csv" in [f.path for f in client.list_artifacts(parent.info.run_id)]
     daam = runs["daam"].data.metrics
     assert math.isnan(daam["miou80_tau0.4"]) and daam["miou80_tau0.4.n_excluded"] == n_words  # NaN logged as NaN
+    # re-logging into the same runs (stored result gone, cases cached) keeps their durations
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / "suites")
+    relog = _cli(tmp_path, "run", str(_suite_file(tmp_path, "a")), *common)
+    assert relog.returncode == 0 and "3 cases (0 computed)" in relog.stdout
+    again = client.get_run(parent.info.run_id)
+    assert again.info.end_time == parent.info.end_time and len(client.search_runs([exp.experiment_id])) == 3
 
     # a second run of the same items (more steps) compares item by item
     b = _cli(tmp_path, "run", str(_suite_file(tmp_path, "b", steps=2)), *common)

@@ -72,7 +72,9 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
     spec = result.spec
     experiment = f"evalkit/{spec.name}"
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment, tags=EXPERIMENT_TAGS)
+    if exp is not None and exp.tags.get(EXPERIMENT_KIND) is None:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
     state = _RunState(state_file)
     known = state.get(invocation_key)
 
@@ -84,11 +86,13 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
                 return rid
             except Exception:  # noqa: BLE001 - deleted or from another store: make a new one
                 pass
-        tags = {"suite": spec.name, "model": spec.model, "git_commit": git_commit(), "evalkit_version": __version__}
+        tags = {"suite": spec.name, "model": spec.model, "git_commit": git_commit(), "evalkit_version": __version__,
+                "evalkit.role": "suite" if parent is None else "method"}
         if parent is not None:
             tags["mlflow.parentRunId"] = parent
             tags["method"] = name
-        run = client.create_run(exp_id, run_name=f"{spec.name}" if parent is None else name, tags=tags)
+        run = client.create_run(exp_id, run_name=parent_run_name(spec, len(result.cases)) if parent is None else name,
+                                tags=tags)
         known[name] = run.info.run_id
         state.put(invocation_key, known)
         return run.info.run_id
@@ -115,6 +119,11 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
         batches[rid] = ({"method": m.name, **{f"param.{k}": v for k, v in m.params.items()}}, values)
     claim_metrics, claim_tags = _claim_metrics(result.claims)
     batches[parent][1].update(claim_metrics)
+    # every method's headline numbers on the suite run too, so suite runs of two models line up in the
+    # runs table and in the compare view: "<method>/<metric>"
+    batches[parent][1].update({f"{method}/{metric_key(metric)}": r.value
+                               for (method, metric), r in result.results.items()})
+    claim_tags["mlflow.note.content"] = _description(result)
     batches[parent][0].update({"claims.confidence": spec.confidence, "claims.correction": spec.correction,
                                "claims.min_n": spec.min_n, "claims.resamples": spec.resamples})
     for rid, (p, v) in batches.items():
@@ -132,9 +141,8 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
         mine = [r for r in items or [] if r["method"] == m.label]
         if mine:
             _log_table(client, ids[m.label], mine, "items.json")
-    client.set_terminated(parent, "FINISHED")
-    for name, rid in ids.items():
-        if name != "parent":
+    for rid in ids.values():  # a re-log into a finished run keeps its end time (and so its duration)
+        if client.get_run(rid).info.status != "FINISHED":
             client.set_terminated(rid, "FINISHED")
     state.data.setdefault("_complete", {})[invocation_key] = parent  # everything is logged
     state.put(invocation_key, known)
@@ -142,6 +150,27 @@ def log_suite(result, *, invocation_key: str, state_file: Path, tracking_uri: st
 
 
 _VERDICT_CODE = {"PASSED": 1.0, "INCONCLUSIVE": 0.0, "FAILED": -1.0}
+#: MLflow 3 shows an experiment of this kind with its runs table (not the GenAI overview).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
+def parent_run_name(spec, n_cases: int) -> str:
+    """What tells suite runs apart in the runs table: suite, model, cases and a short UTC time."""
+    from datetime import datetime, timezone
+
+    model = spec.model if len(spec.model) <= 40 else "..." + spec.model[-37:]
+    return f"{spec.name} | {model} | n={n_cases} | {datetime.now(timezone.utc):%m-%d %H:%M}"
+
+
+def _description(result) -> str:
+    """The suite run's description (markdown): the verdict summary and every claim's line."""
+    from ..suites.claims import summary_line
+
+    lines = [f"**{result.spec.name}** on `{result.spec.model}`, {len(result.cases)} cases: "
+             f"{summary_line(result.claims) if result.claims else 'no claims'}", ""]
+    lines += [f"- `{c.line()}`" for c in result.claims]
+    return "\n".join(lines)[:4900]
 
 
 def _claim_metrics(claims) -> tuple[dict[str, float], dict[str, str]]:
