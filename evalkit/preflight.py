@@ -112,15 +112,17 @@ def model_head_names(model: str) -> list[str] | None:
 
 def hrv_for_model(model: str, heads: list[str] | None) -> str | None:
     """The head relevance vectors that fit ``model``: its own ``hrv.json`` (a built-in's or a local
-    folder's), else the shipped SD v1.4 vectors when the model has SD 1.x's heads; None otherwise."""
+    folder's), else the shipped SD v1.4 vectors when the model has SD 1.x's heads; None otherwise.
+    ``heads`` None (config not available offline): the first candidate, checked when the method runs."""
     from .builtin_models import BUILTIN_MODELS
     from .methods import HeadRelevance
 
     folder = Path(BUILTIN_MODELS.get(model, model)).expanduser()
-    for cand in ([str(folder / "hrv.json")] if (folder / "hrv.json").is_file() else []) + ["sd14"]:
-        if heads is None and cand != "sd14":
-            return cand
-        if heads is not None and set(HeadRelevance.load(cand).heads) == set(heads):
+    candidates = ([str(folder / "hrv.json")] if (folder / "hrv.json").is_file() else []) + ["sd14"]
+    if heads is None:  # the model's config is not available offline: the method checks the heads when it runs
+        return candidates[0]
+    for cand in candidates:
+        if set(HeadRelevance.load(cand).heads) == set(heads):
             return cand
     return None
 

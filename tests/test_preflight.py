@@ -147,3 +147,13 @@ def test_internal_error_is_one_line_exit_3_with_the_traceback_in_a_log(tmp_path,
     log = Path(err.rsplit("traceback in ", 1)[1].rstrip(")")).resolve()
     assert log.is_file() and log.parent == tmp_path / "reports" / "suite" / "errors"
     assert "Traceback" in log.read_text() and "token_maps" in log.read_text()
+
+
+def test_every_shipped_suite_passes_the_preflight():
+    from evalkit.preflight import check_suite
+    from evalkit.suites import list_suites, load_suite
+
+    names = list_suites()
+    assert "task-a" in names
+    for name in names:
+        check_suite(load_suite(name))

@@ -116,10 +116,10 @@ def run_suite(
         bar.update(len(cases) - len(todo))
         for case, missing, have_case in todo:
             files, per_method = _compute_case(pipe, spec, case, {m: methods[m] for m in missing})
+            for label, mfiles in per_method.items():  # maps first: a stored case entry means a complete case
+                maps.store(map_keys[label][case.key], mfiles)
             if not have_case:
                 cache.store(case.key, files)
-            for label, mfiles in per_method.items():
-                maps.store(map_keys[label][case.key], mfiles)
             bar.update(1)
     dirs = [cache.path(c.key) for c in cases]
     map_dirs = [{label: maps.path(map_keys[label][c.key]) for label in methods} for c in cases]
