@@ -127,7 +127,7 @@ def _run(tmp_path, suite, *extra, env=None):
 
 
 def test_run_kill9_resume_same_numbers_no_duplicate_runs(tmp_path, tiny_pipe):
-    suite = _write(tmp_path)
+    suite = _write(tmp_path, base=BASE.replace("steps: 2", "steps: 12"))  # slow enough cases to kill mid-run
     # interrupted run: kill -9 as soon as the first case is in the cache
     proc = _run(tmp_path, suite)
     deadline = time.time() + 240
