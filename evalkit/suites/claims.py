@@ -233,8 +233,8 @@ def judge(claims: list[Claim], rows: Mapping[tuple[str, str], stats.RowSample],
     levels = {i: alpha for i in range(len(claims))}
     if settings.correction == "holm" and testable:
         p = [prepared[i][0].p_value(prepared[i][1]) for i in testable]
-        decided = [lambda lev, i=i: verdict_at(i, lev) != INCONCLUSIVE for i in testable]
-        for i, lev in zip(testable, stats.holm_levels(p, alpha, lambda j, lev: decided[j](lev))):
+        decided = lambda j, lev: verdict_at(testable[j], lev) != INCONCLUSIVE  # noqa: E731
+        for i, lev in zip(testable, stats.holm_levels(p, alpha, decided)):
             levels[i] = lev
     out = []
     for i, claim in enumerate(claims):
