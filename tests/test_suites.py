@@ -245,11 +245,28 @@ def test_method_subsets_and_added_methods_rescore_from_the_cache(tmp_path, tiny_
     subset = run_suite(select_methods(spec, ["daam"]), cache_dir=tmp_path / "c", progress=False, pipe=None)
     assert (full.n_computed, subset.n_computed) == (3, 0)  # pipe=None: nothing was even loaded
     assert subset.results[("daam", "miou-inf@0.4")].per_sample == full.results[("daam", "miou-inf@0.4")].per_sample
+    # a new method reading statistics the stored traces hold: re-scored from them, nothing generated
     grown = spec.model_copy(update={"methods": [*spec.methods, spec.methods[0].model_copy(
         update={"name": "raw-attn"})]})
-    more = run_suite(grown, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
-    assert more.n_computed == 3 and more.results[("norm", "relevance-mass")].per_sample == \
-        full.results[("norm", "relevance-mass")].per_sample
+    more = run_suite(grown, cache_dir=tmp_path / "c", progress=False, pipe=None)
+    assert (more.n_computed, more.n_rescored) == (0, 3)
+    assert more.results[("norm", "relevance-mass")].per_sample == full.results[("norm", "relevance-mass")].per_sample
+    # ... and its maps are the ones a fresh generation gives (same bytes)
+    fresh = run_suite(grown.model_copy(update={"store_traces": False}), cache_dir=tmp_path / "fresh",
+                      progress=False, pipe=tiny_pipe)
+    for a, b in zip(more.map_dirs, fresh.map_dirs):
+        with np.load(a["raw-attn"] / "maps.npz") as za, np.load(b["raw-attn"] / "maps.npz") as zb:
+            assert za.files == zb.files and all(np.array_equal(za[w], zb[w]) for w in za.files)
+    assert not (tmp_path / "fresh" / "traces").exists()  # store_traces: false keeps no traces
+    # a method reading a statistic no stored trace holds: generated, and the trace now holds both
+    needs_more = spec.model_copy(update={"methods": [*spec.methods, spec.methods[0].model_copy(
+        update={"name": "norm-sq"})]})
+    sq = run_suite(needs_more, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
+    assert (sq.n_computed, sq.n_rescored) == (3, 0)
+    from evalkit.trace import Trace
+
+    stored = CaseCache(tmp_path / "c" / "traces").load(sq.cases[0].key)
+    assert Trace.stored_stats(stored) == {"attn", "norm", "norm_sq"}
     # corrupt one maps entry: a one-line notice, counted, recomputed, same numbers
     target = full.map_dirs[1]["norm"] / "maps.npz"
     data = bytearray(target.read_bytes())
@@ -259,5 +276,22 @@ def test_method_subsets_and_added_methods_rescore_from_the_cache(tmp_path, tiny_
     again = run_suite(spec, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
     notice = capsys.readouterr().err
     assert "is corrupt (checksum mismatch); recomputing it" in notice and again.n_corrupt == 1
-    assert again.n_computed == 1
+    assert (again.n_computed, again.n_rescored) == (0, 1)  # its case's stored trace serves it
     assert again.results[("norm", "relevance-mass")].per_sample == full.results[("norm", "relevance-mass")].per_sample
+
+
+def test_store_traces_auto_skips_large_traces_and_says_so(tmp_path, tiny_pipe, capsys, monkeypatch):
+    """``store_traces: auto`` keeps traces up to a size limit; above it, one notice names the setting."""
+    from evalkit.suites import run_suite, runner
+
+    spec = load_suite(str(_write(tmp_path)))
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"n": 1})})
+    monkeypatch.setattr(runner, "TRACE_AUTO_LIMIT_MB", 0.0)
+    capsys.readouterr()
+    run_suite(spec, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
+    err = capsys.readouterr().err
+    assert err.count("traces are not cached") == 1 and "store_traces: true" in err
+    assert not (tmp_path / "c" / "traces").exists()
+    kept = run_suite(spec.model_copy(update={"store_traces": True}), cache_dir=tmp_path / "k", progress=False,
+                     pipe=tiny_pipe)
+    assert CaseCache(tmp_path / "k" / "traces").load(kept.cases[0].key) is not None

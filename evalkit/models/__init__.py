@@ -33,6 +33,7 @@ __all__ = [
     "build_clip_tokenizer",
     "list_builtin_models",
     "load",
+    "load_tokenizer",
     "make_scheduler",
     "resolve_dtype",
     "set_scheduler",
@@ -208,3 +209,17 @@ def load(
         set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_tokenizer(model: str):
+    """The CLIP tokenizer of a model (built-in name, local folder or cached hub id) without loading its
+    weights: re-scoring a stored trace needs the word alignment, not the UNet."""
+    from transformers import CLIPTokenizer
+
+    model = os.fspath(model)
+    local = _resolve_local(model)
+    source = local if local is not None else model
+    try:
+        return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
+    except _HUB_ERRORS as exc:
+        raise _not_found(model) from exc

@@ -37,7 +37,9 @@ def print_summary(result, rows: list[dict]) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 130)  # logs and pipes get the whole table
     corrupt = getattr(result, "n_corrupt", 0)
+    rescored = getattr(result, "n_rescored", 0)
     table = Table(title=f"{result.spec.name}: {result.n_cases} cases ({result.n_computed} computed"
+                        + (f"; {rescored} re-scored from stored traces" if rescored else "")
                         + (f"; {corrupt} corrupt cache entries recomputed" if corrupt else "") + ")")
     for h in HEADER:
         table.add_column(h, no_wrap=True)

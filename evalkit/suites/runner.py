@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..methods import Attribution, create_method
 from ..metrics import MetricResult, create_metric
+from ..trace import Trace
 from . import protocols  # noqa: F401  (registers the protocol suites' methods and metrics)
 from .cache import CaseCache, content_key, read_json
 from .claims import ClaimOutcome, judge_spec
 from .data import EvalItem, item_key, load_items
-from .schema import SuiteSpec
+from .schema import TRACE_AUTO_LIMIT_MB, SuiteSpec
 from .store import model_fingerprint, source_digest
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -62,6 +64,8 @@ class SuiteResult:
     map_dirs: list[dict[str, Path]] = field(default_factory=list)
     #: Cache entries found corrupt (checksum mismatch) and recomputed.
     n_corrupt: int = 0
+    #: Cases whose missing maps came from a stored trace (no generation).
+    n_rescored: int = 0
 
     @property
     def passed(self) -> bool:
@@ -101,6 +105,7 @@ def run_suite(
     base = {"model": model_fingerprint(spec.model), "dtype": spec.dtype, "sampler": spec.sampler.model_dump(),
             "options": spec.options, "code": code}
     cache, maps = CaseCache(cache_dir), CaseCache(Path(cache_dir) / "maps")
+    traces = CaseCache(Path(cache_dir) / "traces")
     key_cases(cases, base)
     map_keys = {label: {c.key: content_key({"case": c.key, "method": m.name, "params": m.params(), "code": code})
                         for c in cases} for label, m in methods.items()}
@@ -110,14 +115,25 @@ def run_suite(
         have_case = cache.load(case.key) is not None
         if missing or not have_case:
             todo.append((case, missing, have_case))
+    # the statistics every method of the suite reads: a trace stored with them serves any of its methods
+    suite_stats = set().union(*(m.needs for m in methods.values())) if methods else set()
+    rescore = _rescore_from_traces(spec, todo, methods, traces, maps, map_keys, progress)
+    todo = [t for t in todo if t[0].key not in rescore]
     if todo and pipe is None:
         pipe = _load_pipe(spec)
     with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
         bar.update(len(cases) - len(todo))
+        keep = None
         for case, missing, have_case in todo:
-            files, per_method = _compute_case(pipe, spec, case, {m: methods[m] for m in missing})
+            stored = traces.load(case.key)
+            stats = suite_stats | (Trace.stored_stats(stored) if stored is not None else set())
+            files, per_method, trace = _compute_case(pipe, spec, case, {m: methods[m] for m in missing}, stats)
             for label, mfiles in per_method.items():  # maps first: a stored case entry means a complete case
                 maps.store(map_keys[label][case.key], mfiles)
+            if trace.stats:
+                keep = _keep_trace(spec, trace) if keep is None else keep  # one size for every case of a suite
+                if keep:
+                    traces.store(case.key, trace.to_files())
             if not have_case:
                 cache.store(case.key, files)
             bar.update(1)
@@ -125,7 +141,57 @@ def run_suite(
     map_dirs = [{label: maps.path(map_keys[label][c.key]) for label in methods} for c in cases]
     results, samples = _score(spec, cases, dirs, map_dirs)
     return SuiteResult(spec, results, judge_spec(spec, results), cases, dirs, len(todo), samples,
-                       map_dirs=map_dirs, n_corrupt=cache.n_corrupt + maps.n_corrupt)
+                       map_dirs=map_dirs, n_corrupt=cache.n_corrupt + maps.n_corrupt + traces.n_corrupt,
+                       n_rescored=len(rescore))
+
+
+def _keep_trace(spec: SuiteSpec, trace: Trace) -> bool:
+    """Whether the suite's traces go into the cache (``store_traces``); ``auto`` skips large traces and
+    says so."""
+    if spec.store_traces != "auto":
+        return bool(spec.store_traces)
+    mb = sum(t.numel() * t.element_size() for per_layer in trace.stats.values() for t in per_layer) / 2**20
+    if mb <= TRACE_AUTO_LIMIT_MB:
+        return True
+    tqdm.write(f"evalkit: traces are not cached ({mb:.0f} MB per case > {TRACE_AUTO_LIMIT_MB:.0f} MB); set "
+               "`store_traces: true` in the suite to keep them (a method added later then re-scores without "
+               "generating)", file=sys.stderr)
+    return False
+
+
+def _rescore_from_traces(spec: SuiteSpec, todo: list, methods: dict, traces: CaseCache, maps: CaseCache,
+                         map_keys: dict, progress: bool) -> set[str]:
+    """Compute the missing maps of cached cases from their stored traces, without generating: every case
+    whose trace holds what its missing methods read. Returns the keys of the cases served this way."""
+    served: dict[str, Path] = {}
+    for case, missing, have_case in todo:
+        if not have_case:
+            continue
+        stored = traces.load(case.key)
+        if stored is not None and set().union(*(methods[m].needs for m in missing)) <= Trace.stored_stats(stored):
+            served[case.key] = stored
+    if not served:
+        return set()
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.model)
+    with tqdm(total=len(served), desc=f"{spec.name}: re-scoring stored traces", disable=not progress,
+              unit="case") as bar:
+        for case, missing, _ in todo:
+            if case.key not in served:
+                continue
+            trace = Trace.load(served[case.key], tokenizer)
+            for label in missing:
+                maps.store(map_keys[label][case.key], _method_files(methods[label], trace, case.item.words))
+            bar.update(1)
+    return set(served)
+
+
+def _method_files(method, trace: Trace, words: list[str]) -> dict:
+    """A method's maps entry for one traced case: its word maps and how they were made."""
+    att: Attribution = method.attribute(trace, words)
+    return {"maps.npz": {w: m.numpy().astype(np.float32) for w, m in att.maps.items()},
+            "method.json": {"name": method.name, "params": method.params(), "upsample": method.upsample}}
 
 
 def key_cases(cases: list[Case], base: dict) -> None:
@@ -161,28 +227,25 @@ def run_cases(spec: SuiteSpec, cases: list[Case], base: dict, cache_dir: str | P
     return len(todo), [cache.path(c.key) for c in cases], cache.n_corrupt
 
 
-def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict) -> tuple[dict, dict[str, dict]]:
-    """Generate and trace one case (recording what ``methods`` need); returns the case entry's files
-    and, per method label, its maps entry's files."""
+def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict, stats: set[str] | None = None
+                  ) -> tuple[dict, dict[str, dict], Trace]:
+    """Generate and trace one case, recording ``stats`` (default: what ``methods`` need); returns the case
+    entry's files, per method label its maps entry's files, and the trace."""
     from ..trace import generate
 
     s = spec.sampler
-    stats = sorted(set().union(*(m.needs for m in methods.values()))) if methods else []
+    if stats is None:
+        stats = set().union(*(m.needs for m in methods.values())) if methods else set()
     gen = generate(pipe, case.item.prompt, seeds=case.seed, steps=s.steps, guidance=s.guidance, height=s.height,
-                   width=s.width, stats=stats)
+                   width=s.width, stats=sorted(stats))
     trace = gen.traces[0]
-    per_method = {}
-    for label, method in methods.items():
-        att: Attribution = method.attribute(trace, case.item.words)
-        per_method[label] = {"maps.npz": {w: m.numpy().astype(np.float32) for w, m in att.maps.items()},
-                             "method.json": {"name": method.name, "params": method.params(),
-                                             "upsample": method.upsample}}
+    per_method = {label: _method_files(method, trace, case.item.words) for label, method in methods.items()}
     meta = {"prompt": case.item.prompt, "seed": case.seed, "item": case.item.id, "words": case.item.words,
             "tokens": list(trace.tokens.pieces), "image_hw": list(trace.image_hw), "n_unet_calls": trace.n_steps}
     from .protocols import case_masks
 
     masks = {w: m.astype(np.uint8) for w, m in case_masks(spec, case.item, gen.images[0]).items()}
-    return {"image.png": gen.images[0], "masks.npz": masks, "case.json": meta}, per_method
+    return {"image.png": gen.images[0], "masks.npz": masks, "case.json": meta}, per_method, trace
 
 
 def load_case_attribution(case_dir: Path, maps_dir: Path, label: str) -> Attribution:

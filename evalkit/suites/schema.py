@@ -92,6 +92,10 @@ class VariantSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+#: Largest trace (MB per case) that ``store_traces: auto`` keeps.
+TRACE_AUTO_LIMIT_MB = 16.0
+
+
 class SuiteSpec(_Strict):
     """A whole suite after ``include:`` resolution."""
 
@@ -117,6 +121,11 @@ class SuiteSpec(_Strict):
     correction: Literal["holm", "none"] = "holm"
     min_n: int = Field(10, ge=2)
     resamples: int = Field(10_000, ge=10_000)
+    #: Keep each case's trace statistics (float32 safetensors) in the cache, so a method added later whose
+    #: statistics were recorded re-scores without generating. ``auto``: only traces of at most
+    #: ``TRACE_AUTO_LIMIT_MB`` per case (built-in models: ~3.5 MB; SD 1.5 at 512 px: ~70 MB per statistic).
+    #: Not part of any cache key.
+    store_traces: bool | Literal["auto"] = "auto"
 
     @field_validator("methods", "metrics")
     @classmethod

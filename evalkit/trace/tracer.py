@@ -5,6 +5,7 @@ conditional batch item."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,16 +58,13 @@ class Trace:
         return [n for layer in self.layers for n in layer.head_names()]
 
     # -- persistence (safe formats only: safetensors + json) --------------------------------
-    def save(self, directory: str | Path) -> None:
-        """Write ``trace.safetensors`` and ``trace.json`` to ``directory``."""
-        from safetensors.torch import save_file
+    def to_files(self) -> dict[str, object]:
+        """The trace as files: ``trace.safetensors`` (bytes of every statistic) and ``trace.json``."""
+        from safetensors.torch import save
 
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         tensors = {
             f"{name}/{i}": t.contiguous() for name, per_layer in self.stats.items() for i, t in enumerate(per_layer)
         }
-        save_file(tensors, str(d / "trace.safetensors"))
         meta = {
             "prompt": self.prompt,
             "ids": list(self.tokens.ids),
@@ -78,7 +76,20 @@ class Trace:
             "seed": self.seed,
             "settings": self.settings,
         }
-        (d / "trace.json").write_text(json.dumps(meta, indent=1))
+        return {"trace.safetensors": save(tensors), "trace.json": meta}
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``trace.safetensors`` and ``trace.json`` to ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        files = self.to_files()
+        (d / "trace.safetensors").write_bytes(files["trace.safetensors"])
+        (d / "trace.json").write_text(json.dumps(files["trace.json"], indent=1))
+
+    @staticmethod
+    def stored_stats(directory: str | Path) -> frozenset[str]:
+        """The statistics a saved trace holds (read from ``trace.json`` alone)."""
+        return frozenset(json.loads((Path(directory) / "trace.json").read_text())["stats"])
 
     @classmethod
     def load(cls, directory: str | Path, tokenizer) -> Trace:
@@ -90,7 +101,12 @@ class Trace:
         tensors = load_file(str(d / "trace.safetensors"))
         layers = [LayerInfo(**lay) for lay in meta["layers"]]
         stats = {name: [tensors[f"{name}/{i}"] for i in range(len(layers))] for name in meta["stats"]}
-        tokens = tokenize_prompt(tokenizer, meta["prompt"], truncate=True)
+        with warnings.catch_warnings():  # a long prompt was truncated (and warned about) when it was traced
+            warnings.simplefilter("ignore")
+            tokens = tokenize_prompt(tokenizer, meta["prompt"], truncate=True)
+        if list(tokens.ids) != list(meta["ids"]):
+            raise ValueError(f"the trace in {d} was made with another tokenizer (token ids differ for "
+                             f"{meta['prompt']!r}): load it with the tokenizer of the model that traced it")
         return cls(
             prompt=meta["prompt"],
             tokens=tokens,
