@@ -207,7 +207,7 @@ def check_suite(spec, *, limit: int | None = None, reports_dir: str | Path | Non
         check_hrv_heads(hrv, heads, where, spec.model)
     for v in hrv_variants:
         from .methods import HeadRelevance
-        from .suites.protocols import model_hrv
+        from .protocols import model_hrv
 
         src = v.params["hrv"]
         try:

@@ -242,8 +242,8 @@ def test_generated_masks_recover_the_drawn_objects():
     """options.masks=generated: the checker's masks of the objects in the image; on the reference rendering
     itself they are the exact masks."""
     from evalkit.metrics import iou
+    from evalkit.protocols import case_masks
     from evalkit.shapesworld import dataset
-    from evalkit.suites.protocols import case_masks
 
     spec = load_suite("head-removal", {"options": {"masks": "generated"}})
     for item in dataset(3, 0, n_objects=2):
@@ -256,14 +256,14 @@ def test_generated_masks_recover_the_drawn_objects():
 
 
 def _as_eval_item(item):
-    from evalkit.suites.data import EvalItem
+    from evalkit.items import EvalItem
 
     return EvalItem(id=str(item.index), prompt=item.prompt, seed=item.seed, masks=item.masks())
 
 
 def test_hrv_model_resolves_the_running_models_vectors():
     from evalkit.builtin_models import BUILTIN_MODELS
-    from evalkit.suites.protocols import model_hrv
+    from evalkit.protocols import model_hrv
 
     assert model_hrv("shapesworld") == str(Path(BUILTIN_MODELS["shapesworld"]) / "hrv.json")
     assert model_hrv("CompVis/stable-diffusion-v1-4") == "sd14"

@@ -40,7 +40,6 @@ def _suite(tmp_path: Path, text: str = SUITE) -> Path:
 def test_builtin_name_lists_match_the_registries():
     from evalkit.methods.registry import _REGISTRY as methods
     from evalkit.metrics.registry import _REGISTRY as metrics
-    from evalkit.suites import protocols  # noqa: F401  (registers the protocol methods and metrics)
 
     assert {n for n, c in methods.items() if c.__module__.startswith("evalkit.")} == BUILTIN_METHODS
     assert {n for n, c in metrics.items() if c.__module__.startswith("evalkit.")} == BUILTIN_METRICS

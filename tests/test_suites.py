@@ -193,8 +193,8 @@ def test_cli_run_input_errors_exit_2(tmp_path):
 
 def test_shapesworld_ground_truth_comes_from_the_generated_image():
     """On a rendered reference scene the segmentation-based masks reproduce the exact masks."""
+    from evalkit.items import load_items
     from evalkit.shapesworld import dataset
-    from evalkit.suites.data import load_items
     from evalkit.suites.schema import DataSpec
 
     items = load_items(DataSpec(n=8, seed=3))

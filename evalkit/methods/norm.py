@@ -36,3 +36,13 @@ class SquaredNormAttribution(NormAttribution):
     needs = frozenset({"norm_sq"})
     summary = "Norm-sq: squared contribution norm (paper 000 Fig. 3), mean over all attn2 heads and steps"
     stat = "norm_sq"
+
+
+def head_strengths(trace: Trace) -> list[torch.Tensor]:
+    """G_h(k) per layer: ``(heads, K)``, mean over steps and query positions of the norm contribution."""
+    trace.require(["norm"], who="head sensitivity")
+    out = []
+    for x in trace.stats["norm"]:
+        q = x.shape[1]
+        out.append(x.double().sum(dim=1) / (max(trace.n_steps, 1) * q))
+    return out

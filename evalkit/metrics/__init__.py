@@ -9,7 +9,7 @@ CI, counts, reduction). The math is also available as plain functions on (H, W) 
 open_clip is imported only when a CLIP metric first scores something.
 """
 
-from . import adherence, grounding, mapstats  # noqa: F401  (registers the built-ins)
+from . import adherence, checker, grounding, mapstats, sensitivity  # noqa: F401  (registers the built-ins)
 from .adherence import (
     CLIPSCORE_W,
     AestheticHead,
@@ -31,6 +31,7 @@ from .base import (
     MetricUnavailableError,
     mean_ci95,
     pooled_ci95,
+    score_map,
     wilson_ci95,
 )
 from .coco import COCO80_CLASSES, SYNONYMS, coco_class, is_coco_class
@@ -75,6 +76,7 @@ from .masks import decode_rle, encode_rle, iou, iou_counts, polygons_to_mask, rl
 from .registry import UnknownMetricError, available_metrics, create_metric, get_metric_class, register_metric
 
 __all__ = [
+    "score_map",
     "CLIPSCORE_W",
     "COCO80_CLASSES",
     "DEFAULT_TAU",

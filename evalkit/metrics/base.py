@@ -12,6 +12,8 @@ left out is part of the result (``n_excluded``) so a suite can flag a broken dat
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -243,6 +245,11 @@ class Metric:
         return value
 
     # -- public API ---------------------------------------------------------------------------
+    def record(self, value: float, reason: str | None = None) -> float:
+        """Record a value derived elsewhere (e.g. a protocol's per-head mean) as one sample of a mean-
+        reduced metric; NaN is excluded with ``reason``."""
+        return self._record(value, reason=reason)
+
     def compute(self) -> MetricResult:
         """Reduce the recorded samples to a :class:`MetricResult` (does not reset)."""
         reason = self.unavailable_reason()
@@ -295,3 +302,25 @@ class Metric:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({params}) <{self.name}, {self.direction}, {self.reduction}, n={len(self)}>"
+
+
+@functools.cache
+def _update_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.update).parameters)
+
+
+def score_map(metric: Metric, heat: Any, mask: Any, word: str, key: str | None = None) -> float:
+    """Feed one (map, mask, word) sample to a single-map metric, passing only what its ``update`` takes;
+    ``key`` names the item (see :func:`evalkit.items.item_key`)."""
+    if key is not None:
+        metric.set_items(key)
+    params = _update_params(type(metric))
+    if "heat" not in params:
+        raise ValueError(f"metric {metric.name!r} does not score single attribution maps; "
+                         "it belongs to another suite protocol")
+    kwargs: dict[str, Any] = {}
+    if "mask" in params:
+        kwargs["mask"] = mask
+    if "word" in params:
+        kwargs["word"] = word
+    return metric.update(heat, **kwargs)

@@ -164,7 +164,16 @@ def load_suite(name_or_path: str, overrides: dict | None = None) -> SuiteSpec:
 def _check_names(spec: SuiteSpec, origins, path: Path) -> None:
     from ..methods import get_method_class
     from ..metrics import get_metric_class
-    from . import protocols  # noqa: F401  (registers the protocol suites' methods and metrics)
+    from ..protocols import get_protocol
+
+    try:
+        protocol = get_protocol(spec.protocol)
+    except KeyError as err:
+        raise SuiteError(f"{_line(origins, ('protocol',), path)}: {err}") from None
+    try:
+        protocol.check_layout(spec)
+    except ValueError as err:
+        raise SuiteError(f"{_line(origins, ('options',) if spec.options else ('protocol',), path)}: {err}") from None
 
     for i, m in enumerate(spec.methods):
         try:

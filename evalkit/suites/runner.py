@@ -3,9 +3,7 @@ method and metric from that one trace, cache each case atomically, reduce, and j
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import math
 import sys
@@ -13,18 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..methods import Attribution, create_method
-from ..metrics import MetricResult, create_metric
+from ..items import Case, EvalItem
+from ..methods import create_method
+from ..metrics import MetricResult
+from ..protocols import get_protocol
+from ..protocols.attribution import compute_case, load_case_attribution, method_files, score_maps
 from ..trace import Trace
-from . import protocols  # noqa: F401  (registers the protocol suites' methods and metrics)
-from .cache import CaseCache, content_key, read_json
+from .cache import CaseCache, content_key
 from .claims import ClaimOutcome, judge_spec
-from .data import EvalItem, item_key, load_items
+from .loader import SUITES_DIR
 from .schema import TRACE_AUTO_LIMIT_MB, SuiteSpec
 from .store import model_fingerprint, source_digest
 
@@ -35,15 +34,6 @@ def code_version() -> str:
     """evalkit's version plus a hash of the code that shapes a case's outputs."""
     files = [f for sub in ("trace", "methods", "interventions", "models") for f in (PACKAGE / sub).glob("*.py")]
     return f"{__version__}+{source_digest(files)[:12]}"
-
-
-@dataclass
-class Case:
-    """One generation: an item at one seed."""
-
-    item: EvalItem
-    seed: int
-    key: str = ""
 
 
 @dataclass
@@ -91,11 +81,11 @@ def run_suite(
     pipe=None,
 ) -> SuiteResult:
     """Run ``spec``; cases already in the cache are read back, not recomputed."""
-    if spec.protocol != "attribution":  # the other protocols: evalkit.suites.protocols
-        from .protocols import run_protocol
-
+    protocol = get_protocol(spec.protocol)
+    protocol.check(spec)
+    if not protocol.split_cache:
         return run_protocol(spec, cache_dir=cache_dir, limit=limit, progress=progress, pipe=pipe)
-    items = load_items(spec.data, limit)
+    items = protocol.items(spec, limit, SUITES_DIR)
     cases = _cases(spec, items)
     methods = {m.label: create_method(m.name, **m.params) for m in spec.methods}
     code = code_version()
@@ -127,7 +117,7 @@ def run_suite(
         for case, missing, have_case in todo:
             stored = traces.load(case.key)
             stats = suite_stats | (Trace.stored_stats(stored) if stored is not None else set())
-            files, per_method, trace = _compute_case(pipe, spec, case, {m: methods[m] for m in missing}, stats)
+            files, per_method, trace = compute_case(pipe, spec, case, {m: methods[m] for m in missing}, stats)
             for label, mfiles in per_method.items():  # maps first: a stored case entry means a complete case
                 maps.store(map_keys[label][case.key], mfiles)
             if trace.stats:
@@ -139,7 +129,7 @@ def run_suite(
             bar.update(1)
     dirs = [cache.path(c.key) for c in cases]
     map_dirs = [{label: maps.path(map_keys[label][c.key]) for label in methods} for c in cases]
-    results, samples = _score(spec, cases, dirs, map_dirs)
+    results, samples = score_maps(spec, cases, dirs, map_dirs)
     return SuiteResult(spec, results, judge_spec(spec, results), cases, dirs, len(todo), samples,
                        map_dirs=map_dirs, n_corrupt=cache.n_corrupt + maps.n_corrupt + traces.n_corrupt,
                        n_rescored=len(rescore))
@@ -182,16 +172,9 @@ def _rescore_from_traces(spec: SuiteSpec, todo: list, methods: dict, traces: Cas
                 continue
             trace = Trace.load(served[case.key], tokenizer)
             for label in missing:
-                maps.store(map_keys[label][case.key], _method_files(methods[label], trace, case.item.words))
+                maps.store(map_keys[label][case.key], method_files(methods[label], trace, case.item.words))
             bar.update(1)
     return set(served)
-
-
-def _method_files(method, trace: Trace, words: list[str]) -> dict:
-    """A method's maps entry for one traced case: its word maps and how they were made."""
-    att: Attribution = method.attribute(trace, words)
-    return {"maps.npz": {w: m.numpy().astype(np.float32) for w, m in att.maps.items()},
-            "method.json": {"name": method.name, "params": method.params(), "upsample": method.upsample}}
 
 
 def key_cases(cases: list[Case], base: dict) -> None:
@@ -227,85 +210,47 @@ def run_cases(spec: SuiteSpec, cases: list[Case], base: dict, cache_dir: str | P
     return len(todo), [cache.path(c.key) for c in cases], cache.n_corrupt
 
 
-def _compute_case(pipe, spec: SuiteSpec, case: Case, methods: dict, stats: set[str] | None = None
-                  ) -> tuple[dict, dict[str, dict], Trace]:
-    """Generate and trace one case, recording ``stats`` (default: what ``methods`` need); returns the case
-    entry's files, per method label its maps entry's files, and the trace."""
-    from ..trace import generate
-
-    s = spec.sampler
-    if stats is None:
-        stats = set().union(*(m.needs for m in methods.values())) if methods else set()
-    gen = generate(pipe, case.item.prompt, seeds=case.seed, steps=s.steps, guidance=s.guidance, height=s.height,
-                   width=s.width, stats=sorted(stats))
-    trace = gen.traces[0]
-    per_method = {label: _method_files(method, trace, case.item.words) for label, method in methods.items()}
-    meta = {"prompt": case.item.prompt, "seed": case.seed, "item": case.item.id, "words": case.item.words,
-            "tokens": list(trace.tokens.pieces), "image_hw": list(trace.image_hw), "n_unet_calls": trace.n_steps}
-    from .protocols import case_masks
-
-    masks = {w: m.astype(np.uint8) for w, m in case_masks(spec, case.item, gen.images[0]).items()}
-    return {"image.png": gen.images[0], "masks.npz": masks, "case.json": meta}, per_method, trace
+def protocol_code_version() -> str:
+    """Hash of the protocols and the analysis code they use (part of every protocol case key)."""
+    return source_digest([*(PACKAGE / "protocols").glob("*.py"), *(PACKAGE / "analysis").glob("*.py")])[:12]
 
 
-def load_case_attribution(case_dir: Path, maps_dir: Path, label: str) -> Attribution:
-    """Rebuild a method's :class:`Attribution` of one cached case from its maps entry."""
-    meta = read_json(case_dir / "case.json")
-    info = read_json(maps_dir / "method.json")
-    with np.load(maps_dir / "maps.npz") as z:
-        maps = {w: torch.from_numpy(z[w]) for w in z.files}
-    return Attribution(method=label, prompt=meta["prompt"], tokens=meta["tokens"], maps=maps,
-                       image_hw=tuple(meta["image_hw"]), upsample=info["upsample"], params=info["params"])
+def run_protocol(spec: SuiteSpec, *, cache_dir: str | Path = ".cache/evalkit", limit: int | None = None,
+                 progress: bool = True, pipe=None) -> SuiteResult:
+    """Run a suite whose protocol stores one entry per case (every protocol but attribution); cases
+    already in the cache are read back. The result's ``spec`` lists the rows as methods (one MLflow child
+    run per row) and its ``figures`` are the protocol's figures."""
+    from .schema import MethodSpec
 
-
-def _score(spec: SuiteSpec, cases: list[Case], dirs: list[Path], map_dirs: list[dict[str, Path]]):
-    """Metric values per (method, metric) from the cached maps and masks."""
-    metrics = {(m.label, k.label): create_metric(k.name, **k.params) for m in spec.methods for k in spec.metrics}
-    samples: list[dict] = []
-    for case, d, md in zip(cases, dirs, map_dirs):
-        with np.load(d / "masks.npz") as z:
-            masks = {w: z[w].astype(bool) for w in z.files}
-        for m in spec.methods:
-            att = load_case_attribution(d, md[m.label], m.label)
-            for word, mask in masks.items():
-                heat = att.to_image(mask.shape)[word].numpy()
-                key = item_key(case.item.id, case.seed, word)
-                row = {"item": key, "case": case.item.id, "seed": case.seed, "prompt": case.item.prompt,
-                       "method": m.label, "word": word}
-                finite = bool(np.isfinite(heat).all())
-                for k in spec.metrics:
-                    metric = metrics[(m.label, k.label)]
-                    v = _update(metric, heat, mask, word, key) if finite else metric.exclude(key, NAN_MAP)
-                    row[k.label] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-                samples.append(row)
-    results = {key: metric.compute() for key, metric in metrics.items()}
-    return results, samples
-
-
-@functools.cache
-def _update_params(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.update).parameters)
-
-
-#: Why an item with a NaN/inf attribution map is excluded.
-NAN_MAP = "attribution map is not finite (NaN or inf)"
-
-
-def _update(metric, heat: np.ndarray, mask: np.ndarray, word: str, key: str | None = None) -> float:
-    """Feed one (map, mask, word) sample to a metric, passing only what its ``update`` takes; ``key``
-    names the item (see :func:`~evalkit.suites.data.item_key`)."""
-    if key is not None:
-        metric.set_items(key)
-    params = _update_params(type(metric))
-    kwargs = {}
-    if "mask" in params:
-        kwargs["mask"] = mask
-    if "word" in params:
-        kwargs["word"] = word
-    if "heat" not in params:
-        raise ValueError(f"metric {metric.name!r} does not score single attribution maps; "
-                         "it belongs to another suite protocol")
-    return metric.update(heat, **kwargs)
+    protocol = get_protocol(spec.protocol)
+    protocol.check(spec)
+    methods = {m.label: create_method(m.name, **m.params) for m in spec.methods}
+    stats = sorted(set(protocol.extra_stats).union(*(m.needs for m in methods.values())))
+    items = protocol.items(spec, limit, SUITES_DIR)
+    cases = _cases(spec, items)
+    base = {
+        "protocol": spec.protocol,
+        "model": model_fingerprint(spec.model),
+        "dtype": spec.dtype,
+        "sampler": spec.sampler.model_dump(),
+        "stats": stats,
+        "methods": {m.label: {"name": m.name, "params": methods[m.label].params()} for m in spec.methods},
+        **protocol.cache_key(spec),
+        "options": spec.options,
+        "code": code_version(),
+        "protocol_code": protocol_code_version(),
+    }
+    n_computed, dirs, n_corrupt = run_cases(spec, cases, base, cache_dir, pipe, progress,
+                                            lambda p, case: protocol.compute(p, spec, case, methods, stats))
+    scores = protocol.score(spec, cases, dirs, Path(cache_dir) / "figures" / spec.name)
+    result_spec = spec
+    if protocol.rows == "variants":
+        name = spec.methods[0].name
+        result_spec = spec.model_copy(update={"methods": [MethodSpec(name=name, id=v.id, params=v.params)
+                                                          for v in spec.variants]})
+    return SuiteResult(result_spec, scores.results, judge_spec(spec, scores.results), cases, dirs, n_computed,
+                       scores.samples, figures=list(scores.figures), unassigned=scores.unassigned,
+                       n_corrupt=n_corrupt)
 
 
 def result_rows(result: SuiteResult) -> list[dict]:

@@ -1,14 +1,17 @@
-"""Evaluation items for suites: prompt, seed, the words to attribute and their ground-truth masks,
-from ShapesWorld (exact masks), a COCO-format JSON, or a DAAM experiment folder."""
+"""Evaluation items: prompt, seed, the words to attribute and their ground-truth masks, from ShapesWorld
+(exact masks), a COCO-format JSON, or a DAAM experiment folder; a case is an item at one seed. Shared by
+the suite runner and the protocols (below both in the layers)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .schema import DataSpec
+if TYPE_CHECKING:
+    from .suites.schema import DataSpec
 
 
 @dataclass
@@ -31,11 +34,20 @@ class EvalItem:
         return list(self.masks)
 
 
+@dataclass
+class Case:
+    """One generation: an item at one seed (``key``: its cache key, set by the runner)."""
+
+    item: EvalItem
+    seed: int
+    key: str = ""
+
+
 def load_items(spec: DataSpec, limit: int | None = None) -> list[EvalItem]:
     """Items of a data spec (at most ``limit``)."""
     n = min(spec.n, limit) if limit else spec.n
     if spec.source == "shapesworld":
-        from ..shapesworld import dataset
+        from .shapesworld import dataset
 
         role = "noun" if spec.words == "nouns" else None
         return [
@@ -43,7 +55,7 @@ def load_items(spec: DataSpec, limit: int | None = None) -> list[EvalItem]:
                      ground=_shapesworld_grounder(it.prompt, list(it.masks(role))))
             for it in dataset(n, spec.seed, size=spec.size, n_objects=spec.n_objects, phrasing=spec.phrasing)
         ]
-    from ..groundtruth import GroundTruth, import_daam_folder
+    from .groundtruth import GroundTruth, import_daam_folder
 
     if spec.path is None:
         raise ValueError(f"data source {spec.source!r} needs `path:` (a COCO json file or a DAAM folder)")
@@ -66,7 +78,7 @@ def _shapesworld_grounder(prompt: str, words: list[str]) -> Callable[[object], d
     right shape, all components of that colour (what the model made of the phrase). A word maps
     to every object phrase containing it (a noun to each object of that shape), united. An object
     with no pixels of its colour gives an empty mask, scored as undefined and counted as excluded."""
-    from ..shapesworld.checker import color_components, parse_prompt, segment_colors
+    from .shapesworld.checker import color_components, parse_prompt, segment_colors
 
     specs = parse_prompt(prompt)
 

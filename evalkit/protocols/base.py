@@ -1,0 +1,162 @@
+"""The protocol API and registry. A protocol says how one case (an item at one seed) is generated and
+stored, and how the stored cases become a result table; the suite runner (``evalkit.suites``) does the
+rest: cache keys, resume, claims, MLflow and reports. Built-ins register with :func:`register_protocol`;
+other packages add theirs through the ``evalkit.protocols`` entry-point group, loaded when first named."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..items import Case, EvalItem
+    from ..methods import AttributionMethod
+    from ..metrics import MetricResult
+
+ENTRY_POINT_GROUP = "evalkit.protocols"
+_REGISTRY: dict[str, type[Protocol]] = {}
+
+
+@dataclass
+class Scores:
+    """What scoring a protocol's cases gives: results keyed by (row id, metric label), per-item rows
+    for the samples table, extra figures, and items that belong to no row (with the reason)."""
+
+    results: dict[tuple[str, str], MetricResult]
+    samples: list[dict]
+    figures: list[Path] = field(default_factory=list)
+    unassigned: dict[str, str] = field(default_factory=dict)
+
+
+class Protocol:
+    """One kind of suite. Subclasses set the class attributes and implement :meth:`compute` and
+    :meth:`score`; ``spec`` is the suite (:class:`evalkit.suites.SuiteSpec`)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: ``options:`` keys the protocol reads.
+    options: ClassVar[tuple[str, ...]] = ("masks",)
+    #: Metric names the protocol defines itself (scored by :meth:`score`).
+    metrics: ClassVar[frozenset[str]] = frozenset()
+    #: Whether any metric that scores one attribution map against a mask is accepted as well.
+    single_map_metrics: ClassVar[bool] = False
+    #: Where the rows come from: ``"variants"`` (``variants:``) or ``"methods"`` (``methods:``).
+    rows: ClassVar[str] = "variants"
+    #: Trace statistics recorded besides what the suite's methods need.
+    extra_stats: ClassVar[frozenset[str]] = frozenset()
+    #: The suite runner stores a case as split entries (case, maps per method, trace) and scores the maps
+    #: itself (the attribution protocol); otherwise one entry per case from :meth:`compute`.
+    split_cache: ClassVar[bool] = False
+
+    def check_layout(self, spec: Any) -> None:
+        """Reject options the protocol does not read and rows it does not take (one line naming the fix)."""
+        bad = sorted(set(spec.options) - set(self.options))
+        if bad:
+            known = list(self.options) or "none"
+            raise ValueError(f"protocol {self.name!r} has no option(s) {bad}; its options: {known}")
+        if self.rows == "methods" and spec.variants:
+            raise ValueError(f"suite {spec.name!r}: protocol {self.name!r} compares its `methods:`; "
+                             "it takes no `variants:`")
+        if self.rows == "variants" and not spec.variants:
+            raise ValueError(f"suite {spec.name!r}: protocol {self.name!r} needs `variants:` (its rows)")
+
+    def check(self, spec: Any) -> None:
+        """Reject a suite this protocol cannot run: options, rows, metrics (one line naming the fix)."""
+        from ..metrics import create_metric
+
+        self.check_layout(spec)
+
+        for m in spec.metrics:
+            if m.name in self.metrics:
+                continue
+            if self.single_map_metrics:
+                cls = create_metric(m.name, **m.params)
+                if "heat" in inspect.signature(cls.update).parameters:
+                    continue
+            also = " and single-map metrics" if self.single_map_metrics else ""
+            raise ValueError(f"suite {spec.name!r}: protocol {self.name!r} does not define metric {m.name!r}; it "
+                             f"defines {sorted(self.metrics)}{also}")
+
+    def items(self, spec: Any, limit: int | None, suites_dir: Path) -> list[EvalItem]:
+        """The suite's items (at most ``limit``); ``suites_dir`` resolves relative data paths."""
+        from ..items import load_items
+
+        return load_items(spec.data, limit)
+
+    def compute(self, pipe: Any, spec: Any, case: Case, methods: dict[str, AttributionMethod],
+                stats: list[str]) -> dict[str, Any]:
+        """Generate and measure one case; returns the files of its cache entry (json/npz/png)."""
+        raise NotImplementedError(f"protocol {self.name!r} does not implement compute(): subclass Protocol and "
+                                  "return the case entry's files")
+
+    def score(self, spec: Any, cases: list[Case], dirs: list[Path], figures_dir: Path) -> Scores:
+        """Score the stored cases (``dirs[i]`` is the entry of ``cases[i]``)."""
+        raise NotImplementedError(f"protocol {self.name!r} does not implement score(): subclass Protocol and "
+                                  "return Scores from the stored cases")
+
+    def cache_key(self, spec: Any) -> dict:
+        """What, besides model, sampler, options and code, shapes a case of this protocol."""
+        return {"variants": [v.model_dump() for v in spec.variants]}
+
+
+class UnknownProtocolError(KeyError):
+    """A protocol name that is neither registered nor an entry point."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def register_protocol(name: str) -> Callable[[type[Protocol]], type[Protocol]]:
+    """Class decorator: register a :class:`Protocol` subclass under ``name``."""
+
+    def decorate(cls: type[Protocol]) -> type[Protocol]:
+        if not (inspect.isclass(cls) and issubclass(cls, Protocol)):
+            raise TypeError(f"@register_protocol({name!r}) expects a Protocol subclass, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"protocol {name!r} is already registered by {existing.__module__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load_entry_point(name: str) -> type[Protocol] | None:
+    ep = _entry_points().get(name)
+    if ep is None:
+        return None
+    cls = ep.load()
+    if not (inspect.isclass(cls) and issubclass(cls, Protocol)):
+        raise TypeError(f"entry point {name!r} ({ep.value}) is not a Protocol subclass")
+    if name not in _REGISTRY:
+        register_protocol(name)(cls)
+    return _REGISTRY[name]
+
+
+def get_protocol(name: str) -> Protocol:
+    """The protocol registered as ``name``; unknown names raise with a "did you mean" suggestion."""
+    cls = _REGISTRY.get(name) or _load_entry_point(name)
+    if cls is None:
+        known = sorted(set(_REGISTRY) | set(_entry_points()))
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownProtocolError(f"unknown protocol {name!r}{hint} (known: {', '.join(known)})")
+    return cls()
+
+
+def available_protocols() -> dict[str, str]:
+    """Every known protocol name with its one-line summary (loads entry points)."""
+    for ep_name in _entry_points():
+        if ep_name not in _REGISTRY:
+            _load_entry_point(ep_name)
+    return {name: cls.summary for name, cls in sorted(_REGISTRY.items())}
