@@ -16,7 +16,7 @@ from evalkit.groundtruth import (
     GroundTruthError,
     MissingMaskError,
     decode_rle,
-    encode_mask,
+    encode_rle,
     import_daam_folder,
 )
 
@@ -39,7 +39,7 @@ def test_rle_roundtrip_is_exact_and_json_ready(kind: str) -> None:
         "full": np.ones((h, w), bool),
         "rect": _rect(h, w, 3, 20, 5, 40),
     }[kind]
-    rle = encode_mask(mask)
+    rle = encode_rle(mask)
     assert rle["size"] == [h, w] and isinstance(rle["counts"], str)
     rle = json.loads(json.dumps(rle))
     back = decode_rle(rle)
@@ -49,8 +49,8 @@ def test_rle_roundtrip_is_exact_and_json_ready(kind: str) -> None:
 
 
 def test_encode_rejects_non_2d() -> None:
-    with pytest.raises(GroundTruthError, match="2-D"):
-        encode_mask(np.zeros((2, 3, 4), bool))
+    with pytest.raises(ValueError, match="2-D"):
+        encode_rle(np.zeros((2, 3, 4), bool))
 
 
 # ---------------------------------------------------------------------------------------------------------------- COCO

@@ -67,8 +67,9 @@ def test_rle_round_trip_and_coco_formats():
     m = rng.random((23, 31)) < 0.4
     rle = encode_rle(m)
     assert np.array_equal(decode_rle(rle), m)
-    as_str = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}  # as COCO JSON stores it
-    assert np.array_equal(decode_rle(as_str), m)
+    assert isinstance(rle["counts"], str)  # JSON-ready, as COCO JSON stores it
+    as_bytes = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}  # as pycocotools returns it
+    assert np.array_equal(decode_rle(as_bytes), m)
     col = m.astype(np.uint8).ravel(order="F")  # uncompressed RLE: run lengths, column-major, from 0
     runs, cur, n = [], 0, 0
     for v in col:

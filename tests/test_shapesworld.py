@@ -151,7 +151,7 @@ def test_committed_model_is_a_small_sd_pipeline(shapesworld_pipe):
 
 
 def test_committed_model_samples_pass_the_checker(shapesworld_pipe):
-    from evalkit.shapesworld.evaluate import sample
+    from evalkit.analysis.shapesworld_card import sample
 
     prompts, seeds = zip(*MODEL_CASES)
     images = sample(shapesworld_pipe, prompts, seeds)

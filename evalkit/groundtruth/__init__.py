@@ -20,7 +20,7 @@ from .coco import (
     MissingMaskError,
     atomic_write_json,
     decode_rle,
-    encode_mask,
+    encode_rle,
 )
 from .daam import import_daam_folder
 
@@ -37,7 +37,7 @@ __all__ = [
     "MissingMaskError",
     "atomic_write_json",
     "decode_rle",
-    "encode_mask",
+    "encode_rle",
     "image_sha256",
     "import_daam_folder",
 ]

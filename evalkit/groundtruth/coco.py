@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..metrics.rle import decode_rle, encode_rle
+
 __all__ = [
     "Annotation",
     "GroundTruth",
@@ -34,7 +36,7 @@ __all__ = [
     "MissingMaskError",
     "atomic_write_json",
     "decode_rle",
-    "encode_mask",
+    "encode_rle",
 ]
 
 FORMAT_NAME = "evalkit.groundtruth/1"
@@ -49,25 +51,6 @@ class MissingMaskError(GroundTruthError, LookupError):
 
 
 # ----------------------------------------------------------------------------------------------------------------- RLE
-
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """Encode a 2-D boolean mask as JSON-ready compressed COCO RLE (``counts`` as ``str``, not ``bytes``)."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise GroundTruthError(f"a mask must be 2-D (H, W), got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(bool, copy=False).astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
-    """Decode compressed COCO RLE (``counts`` as ``str`` or ``bytes``) to a boolean ``(H, W)`` array."""
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(dict(rle), *rle["size"])
-    elif isinstance(counts, str):
-        rle = {"size": list(rle["size"]), "counts": counts.encode("ascii")}
-    return mask_utils.decode(rle).astype(bool)
 
 
 def _to_compressed_rle(segmentation: Any, height: int, width: int, where: str) -> dict[str, Any]:
@@ -203,7 +186,7 @@ class GroundTruth:
     def add_mask(self, image_id: int, word: str, mask: np.ndarray, category: str | None = None) -> Annotation:
         """Append the mask grounding ``word`` in ``image_id``; the mask must have the image's ``(H, W)``."""
         mask = np.asarray(mask).astype(bool, copy=False)
-        rle = encode_mask(mask)
+        rle = encode_rle(mask)
         ann = Annotation(
             id=self._max_ann_id + 1,
             image_id=int(image_id),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .coco import GroundTruth, atomic_write_json, decode_rle, encode_mask
+from .coco import GroundTruth, atomic_write_json, decode_rle, encode_rle
 
 __all__ = ["CACHE_VERSION", "GroundedSam", "Grounding", "image_sha256", "module_fingerprint"]
 
@@ -351,7 +351,7 @@ class GroundedSam:
                 "word": word, "detector": self.detector_id, "sam": self.sam_id,
                 "box_threshold": self.box_threshold, "text_threshold": self.text_threshold, "keep": self.keep,
                 "boxes": boxes.tolist(), "scores": scores.tolist(), "no_box": bool(len(boxes) == 0),
-                "segmentation": encode_mask(mask), "area": int(mask.sum()),
+                "segmentation": encode_rle(mask), "area": int(mask.sum()),
             }
 
         if path is not None and new_entries:

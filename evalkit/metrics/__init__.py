@@ -72,8 +72,9 @@ from .mapstats import (
     stability,
     total_variation,
 )
-from .masks import decode_rle, encode_rle, iou, iou_counts, polygons_to_mask, rle_iou
+from .masks import iou, iou_counts, polygons_to_mask, rle_iou
 from .registry import UnknownMetricError, available_metrics, create_metric, get_metric_class, register_metric
+from .rle import decode_rle, encode_rle
 
 __all__ = [
     "score_map",

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .rle import decode_rle
+
 NORMALIZATIONS = ("minmax", "none")
 MINMAX_EPS = 1e-8  # the guard of DAAM's (and Attribution.normalized's) min-max normalization
 
@@ -38,8 +40,6 @@ def as_mask(x: Any, what: str = "mask") -> np.ndarray:
     """A 2-D bool array ``(H, W)``. Accepts bool/0-1 arrays or tensors, and COCO RLE dicts
     (``{"size": [H, W], "counts": ...}``, compressed or not), which pycocotools decodes."""
     if isinstance(x, dict):
-        from .masks import decode_rle
-
         return decode_rle(x)
     a = to_numpy(x)
     if a.ndim != 2:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._inputs import as_mask, check_same_shape
+from .rle import encode_rle, for_pycocotools
 
 
 def iou_counts(pred_mask: Any, gt_mask: Any) -> tuple[int, int]:
@@ -35,28 +36,6 @@ def iou(pred_mask: Any, gt_mask: Any) -> float:
     return inter / union if union else math.nan
 
 
-def encode_rle(mask: Any) -> dict:
-    """COCO compressed RLE of a binary (H, W) mask (``pycocotools.mask.encode``); ``counts`` is bytes."""
-    from pycocotools import mask as mask_utils
-
-    m = as_mask(mask)
-    return mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """Bool (H, W) mask of a COCO RLE dict; compressed (``counts`` bytes/str) or uncompressed (list)."""
-    from pycocotools import mask as mask_utils
-
-    if "size" not in rle or "counts" not in rle:
-        raise ValueError(f"a COCO RLE dict needs 'size' and 'counts', got keys {sorted(rle)}")
-    if isinstance(rle["counts"], list):
-        h, w = rle["size"]
-        rle = mask_utils.frPyObjects(rle, h, w)
-    elif isinstance(rle["counts"], str):
-        rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    return mask_utils.decode(rle).astype(bool)
-
-
 def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
     """Rasterize COCO polygon segmentation (a list of ``[x1, y1, x2, y2, ...]``) into a bool (H, W) mask."""
     from pycocotools import mask as mask_utils
@@ -73,4 +52,4 @@ def rle_iou(pred: Any, gt: Any) -> float:
     g = gt if isinstance(gt, dict) else encode_rle(gt)
     if list(p["size"]) != list(g["size"]):
         raise ValueError(f"RLE sizes differ: prediction {list(p['size'])} vs ground truth {list(g['size'])}")
-    return float(mask_utils.iou([p], [g], [0])[0, 0])
+    return float(mask_utils.iou([for_pycocotools(p)], [for_pycocotools(g)], [0])[0, 0])

@@ -11,7 +11,6 @@ The trained pipeline is the built-in model ``shapesworld`` (``evalkit.models.loa
 
 from .checker import Check, ObjectCheck, ObjectSpec, check, parse_prompt, segment_colors
 from .dataset import Annotation, Item, dataset, iter_dataset, to_coco
-from .evaluate import SAMPLING
 from .grammar import GroundedWord, Prompt, describe
 from .scene import COLORS, SHAPES, SIZES, Scene, SceneObject, render, sample_scene, shape_mask, vocabulary
 
@@ -41,3 +40,6 @@ __all__ = [
     "to_coco",
     "vocabulary",
 ]
+
+#: Default sampling settings of the ShapesWorld model (DDIM is the pipeline's scheduler).
+SAMPLING: dict = {"steps": 25, "guidance": 4.0, "height": 64, "width": 64}

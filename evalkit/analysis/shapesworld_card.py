@@ -1,4 +1,5 @@
-"""Measure a ShapesWorld model: prompt adherence with the analytic checker and noun localization with DAAM.
+"""Measure a ShapesWorld model for its model card: prompt adherence with the analytic checker and noun
+localization with DAAM, IoU from the metrics package (an undefined mean is NaN, never 0).
 
 Both measurements use held-out items (a dataset seed that training never draws from, and generation
 seeds from :class:`~evalkit.shapesworld.dataset.Item`). Localization is scored against the exact
@@ -14,14 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checker import Check, ObjectSpec, check, color_components
-from .dataset import Item
+from ..methods import create_method
+from ..metrics import iou
+from ..shapesworld import SAMPLING
+from ..shapesworld.checker import Check, ObjectSpec, check, color_components
+from ..shapesworld.dataset import Item
+from ..trace import generate
 
 __all__ = ["SAMPLING", "LocalizationResult", "PresenceResult", "localization", "presence", "sample"]
-
-#: Default sampling settings for ShapesWorld suites (DDIM is the pipeline's scheduler).
-SAMPLING: dict = {"steps": 25, "guidance": 4.0, "height": 64, "width": 64}
-
 
 @dataclass
 class PresenceResult:
@@ -78,21 +79,16 @@ class LocalizationResult:
 
     @property
     def miou(self) -> float:
-        return float(np.mean(self.ious)) if self.ious else 0.0
+        return float(np.mean(self.ious)) if self.ious else float("nan")
 
     @property
     def baseline_miou(self) -> float:
-        return float(np.mean(self.baseline_ious)) if self.baseline_ious else 0.0
+        return float(np.mean(self.baseline_ious)) if self.baseline_ious else float("nan")
 
     def as_dict(self) -> dict:
         return {"method": self.method, "tau": self.tau, "miou": self.miou, "baseline_miou": self.baseline_miou,
                 "n_nouns": self.n_nouns, "n_found": self.n_found,
                 "miou_per_tau": {str(k): v for k, v in self.per_tau.items()}}
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def _object_region(image: np.ndarray, spec: ObjectSpec, strict: bool) -> np.ndarray | None:
@@ -115,9 +111,6 @@ def localization(pipe, items: Sequence[Item], *, method: str = "daam", tau: floa
     or (unless ``strict``) the largest region of the object's colour. Nouns whose object has no region
     are not scored (``n_found`` counts the scored ones).
     """
-    from ..methods import create_method
-    from ..trace import generate
-
     attr = create_method(method)
     ious: list[float] = []
     base: list[float] = []
@@ -144,11 +137,11 @@ def localization(pipe, items: Sequence[Item], *, method: str = "daam", tau: floa
                 if not masks:
                     continue
                 gt = np.logical_or.reduce(masks)
-                ious.append(_iou(norm[noun] > tau, gt))
+                ious.append(iou(norm[noun] > tau, gt))
                 base.append(float(gt.mean()))
                 for t in taus:
-                    per_tau[t].append(_iou(norm[noun] > t, gt))
+                    per_tau[t].append(iou(norm[noun] > t, gt))
                 details.append({"item": it.index, "noun": noun, "iou": ious[-1], "baseline": base[-1]})
     res = LocalizationResult(method, tau, ious, base, n_nouns, len(ious),
-                             {t: float(np.mean(v)) if v else 0.0 for t, v in per_tau.items()})
+                             {t: float(np.mean(v)) if v else float("nan") for t, v in per_tau.items()})
     return (res, details) if return_details else res
