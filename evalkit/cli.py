@@ -60,6 +60,29 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Print one line per registered metric: name, direction, category and summary."""
+    from .metrics import available_metrics
+
+    metrics = available_metrics()
+    width = max(len(n) for n in metrics)
+    for name, info in metrics.items():
+        arrow = "↑" if info.get("direction") == "higher" else "↓"
+        print(f"{name:<{width}}  {arrow} {info.get('category', ''):<15} {info.get('summary', '')}")
+    return 0
+
+
+def cmd_protocols(args: argparse.Namespace) -> int:
+    """Print one line per registered suite protocol."""
+    from .protocols import available_protocols
+
+    protocols = available_protocols()
+    width = max(len(n) for n in protocols)
+    for name, summary in protocols.items():
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
 def cmd_attribute(args: argparse.Namespace) -> int:
     """Generate once, trace once, write the image, per-method npz maps and overlays."""
     import matplotlib
@@ -218,11 +241,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``evalkit`` argument parser."""
     parser = argparse.ArgumentParser(prog="evalkit", description=__doc__)
-    parser.add_argument("--plugins", default="", help="comma-separated modules to import first (they register methods)")
+    parser.add_argument("--plugins", default="",
+                        help="comma-separated modules to import first (they register methods, metrics, protocols)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list registered attribution methods")
     p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("metrics", help="list registered metrics (direction, category)")
+    p.set_defaults(func=cmd_metrics)
+    p = sub.add_parser("protocols", help="list registered suite protocols")
+    p.set_defaults(func=cmd_protocols)
 
     p = sub.add_parser("attribute", help="generate once, trace once, attribute words with several methods")
     p.add_argument("--model", default="tiny-sd", help="built-in name, local diffusers folder, or hub id")
