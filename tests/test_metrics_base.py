@@ -75,7 +75,7 @@ def test_reduction_per_sample_vs_pooled_iou_known_values():
     assert r_per.value == pytest.approx(0.7)
     assert r_pooled.value == pytest.approx(91 / 102)
     assert r_per.reduction == "per-sample" and r_pooled.reduction == "pooled"
-    assert r_per.label == "iou[tau=0.4]" and r_pooled.label == "iou[reduction=pooled,tau=0.4]"
+    assert r_per.label == "iou_tau0.4" and r_pooled.label == "iou_reductionpooled_tau0.4"
     assert r_per.per_sample == r_pooled.per_sample == pytest.approx([0.5, 0.9])
 
 
@@ -110,7 +110,7 @@ def test_result_is_json_ready_and_reset_forgets():
     r = m.compute()
     assert isinstance(r, MetricResult)
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["label"] == "miou80[match=exact,tau=0.3]" and d["direction"] == "higher" and d["category"] == "grounding"
+    assert d["label"] == "miou80_matchexact_tau0.3" and d["direction"] == "higher" and d["category"] == "grounding"
     assert d["ci95"] is None and d["n"] == 1
     m.reset()
     assert len(m) == 0 and m.compute().n == 0 and math.isnan(m.compute().value)

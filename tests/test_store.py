@@ -26,7 +26,7 @@ methods:
 metrics:
   - {name: miou-inf, params: {tau: 0.4}}
 expect:
-  - daam.miou-inf@0.4 >= 0.0
+  - daam.miou-inf_tau0.4 >= 0.0
 min_n: 2
 """
 
@@ -127,7 +127,7 @@ def test_identical_rerun_reads_the_store_without_torch_or_mlflow(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "nothing recomputed" in again.stdout and "2 cases (0 computed)" in again.stdout
     assert "IMPORTED False False" in again.stdout  # neither torch nor mlflow was imported
-    assert "PASSED daam.miou-inf@0.4 >= 0.0" in again.stdout
+    assert "PASSED daam.miou-inf_tau0.4 >= 0.0" in again.stdout
     verdicts = [ln for ln in first.stdout.splitlines() if ln.startswith(("PASSED", "FAILED", "INCONCLUSIVE"))]
     assert verdicts and verdicts == [ln for ln in again.stdout.splitlines()
                                      if ln.startswith(("PASSED", "FAILED", "INCONCLUSIVE"))]
@@ -172,7 +172,7 @@ def test_a_plugin_method_runs_in_a_suite_next_to_the_builtins_in_mlflow(tmp_path
     assert set(found) == {"tiny-store", "daam", "up-attn"}
     parent = found["tiny-store"].info.run_id
     assert found["up-attn"].data.tags["mlflow.parentRunId"] == parent == found["daam"].data.tags["mlflow.parentRunId"]
-    row = next(r for r in _rows(tmp_path) if r["method"] == "up-attn" and r["metric"] == "miou-inf@0.4")
+    row = next(r for r in _rows(tmp_path) if r["method"] == "up-attn" and r["metric"] == "miou-inf_tau0.4")
     assert found["up-attn"].data.metrics["miou-inf_tau0.4"] == pytest.approx(row["value"])
 
 

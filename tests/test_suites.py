@@ -27,7 +27,7 @@ metrics:
   - {name: miou-inf, params: {tau: 0.4}}
   - {name: relevance-mass}
 expect:
-  - daam.miou-inf@0.4 >= 0.0
+  - daam.miou-inf_tau0.4 >= 0.0
   - norm.relevance-mass > 2.0
 """
 BASE = """
@@ -59,7 +59,7 @@ def test_include_merges_defaults(tmp_path):
     spec = load_suite(str(_write(tmp_path)))
     assert spec.model == "tiny-sd" and spec.sampler.steps == 2 and spec.data.n == 3
     assert [m.label for m in spec.methods] == ["daam", "norm"]
-    assert [m.label for m in spec.metrics] == ["miou-inf@0.4", "relevance-mass"]
+    assert [m.label for m in spec.metrics] == ["miou-inf_tau0.4", "relevance-mass"]
 
 
 @pytest.mark.parametrize(
@@ -88,19 +88,19 @@ def test_unknown_suite_suggests():
 
 
 def test_claims_parse_with_margins_and_reject_what_an_interval_cannot_decide():
-    labels = {"methods": ["daam", "norm"], "metrics": ["miou-inf@0.4"]}
-    c = parse_claim("norm.miou-inf@0.4 >= daam.miou-inf@0.4", labels)
-    assert c.left.method == "norm" and c.left.metric == "miou-inf@0.4" and c.op == ">="
-    m = parse_claim("norm.miou-inf@0.4 >= daam.miou-inf@0.4 - 0.02", labels)
-    assert (m.right.method, m.right.offset) == ("daam", -0.02) and str(m.right) == "daam.miou-inf@0.4 - 0.02"
-    t = parse_claim("daam.miou-inf@0.4 > 0.45", labels)
+    labels = {"methods": ["daam", "norm"], "metrics": ["miou-inf_tau0.4"]}
+    c = parse_claim("norm.miou-inf_tau0.4 >= daam.miou-inf_tau0.4", labels)
+    assert c.left.method == "norm" and c.left.metric == "miou-inf_tau0.4" and c.op == ">="
+    m = parse_claim("norm.miou-inf_tau0.4 >= daam.miou-inf_tau0.4 - 0.02", labels)
+    assert (m.right.method, m.right.offset) == ("daam", -0.02) and str(m.right) == "daam.miou-inf_tau0.4 - 0.02"
+    t = parse_claim("daam.miou-inf_tau0.4 > 0.45", labels)
     assert t.right.constant == 0.45
     with pytest.raises(ValueError, match="LEFT OP RIGHT"):
-        parse_claim("norm.miou-inf@0.4", labels)
+        parse_claim("norm.miou-inf_tau0.4", labels)
     with pytest.raises(ValueError, match="two claims with margins"):
-        parse_claim("norm.miou-inf@0.4 == daam.miou-inf@0.4", labels)
+        parse_claim("norm.miou-inf_tau0.4 == daam.miou-inf_tau0.4", labels)
     with pytest.raises(ValueError, match="did you mean 'daam'"):
-        parse_claim("norm.miou-inf@0.4 >= dam.miou-inf@0.4 - 0.02", labels)
+        parse_claim("norm.miou-inf_tau0.4 >= dam.miou-inf_tau0.4 - 0.02", labels)
     with pytest.raises(ValueError, match="one side must be METHOD.METRIC"):
         parse_claim("0.3 > 0.2", labels)
 
@@ -142,7 +142,7 @@ def test_run_kill9_resume_same_numbers_no_duplicate_runs(tmp_path, tiny_pipe):
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 1, out
     assert f"3 cases ({3 - done_before} computed)" in out
-    assert "PASSED daam.miou-inf@0.4 >= 0.0" in out and "FAILED norm.relevance-mass > 2.0" in out
+    assert "PASSED daam.miou-inf_tau0.4 >= 0.0" in out and "FAILED norm.relevance-mass > 2.0" in out
     # a rerun recomputes nothing and logs into the same MLflow runs
     proc = _run(tmp_path, suite)
     out2, _ = proc.communicate(timeout=400)
@@ -166,12 +166,12 @@ def test_run_kill9_resume_same_numbers_no_duplicate_runs(tmp_path, tiny_pipe):
     assert parent.info.run_name.startswith("tiny | tiny-sd | n=3 | ")  # what tells suite runs apart
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.metrics["norm/miou-inf_tau0.4"] == pytest.approx(next(
-        r["value"] for r in a if r["method"] == "norm" and r["metric"] == "miou-inf@0.4"))
+        r["value"] for r in a if r["method"] == "norm" and r["metric"] == "miou-inf_tau0.4"))
     assert "FAILED norm.relevance-mass > 2.0" in parent.data.tags["mlflow.note.content"]
     child = next(r for r in runs if r.info.run_name == "norm")
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.data.metrics["miou-inf_tau0.4"] == pytest.approx(next(
-        r["value"] for r in a if r["method"] == "norm" and r["metric"] == "miou-inf@0.4"))
+        r["value"] for r in a if r["method"] == "norm" and r["metric"] == "miou-inf_tau0.4"))
     history = client.get_metric_history(child.info.run_id, "miou-inf_tau0.4")
     assert len(history) == 1  # resumed and repeated invocations did not log duplicate points
     assert {"suite", "model", "git_commit", "evalkit_version"} <= set(parent.data.tags)
@@ -231,7 +231,7 @@ def test_methods_filter_selects_variants_of_protocol_suites_and_their_claims():
         select_methods(load_suite("head-removal"), ["top5"])
     task = select_methods(load_suite("task-a"), ["daam", "hrv-30"])
     assert [m.label for m in task.methods] == ["daam", "hrv-30"]
-    assert task.expect == ["daam.miou-inf@0.4 > 0.2", "hrv-30.miou-inf@0.4 >= daam.miou-inf@0.4"]
+    assert task.expect == ["daam.miou-inf_tau0.4 > 0.2", "hrv-30.miou-inf_tau0.4 >= daam.miou-inf_tau0.4"]
 
 
 def test_method_subsets_and_added_methods_rescore_from_the_cache(tmp_path, tiny_pipe, capsys):
@@ -244,7 +244,7 @@ def test_method_subsets_and_added_methods_rescore_from_the_cache(tmp_path, tiny_
     full = run_suite(spec, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
     subset = run_suite(select_methods(spec, ["daam"]), cache_dir=tmp_path / "c", progress=False, pipe=None)
     assert (full.n_computed, subset.n_computed) == (3, 0)  # pipe=None: nothing was even loaded
-    assert subset.results[("daam", "miou-inf@0.4")].per_sample == full.results[("daam", "miou-inf@0.4")].per_sample
+    assert subset.results[("daam", "miou-inf_tau0.4")].per_sample == full.results[("daam", "miou-inf_tau0.4")].per_sample
     # a new method reading statistics the stored traces hold: re-scored from them, nothing generated
     grown = spec.model_copy(update={"methods": [*spec.methods, spec.methods[0].model_copy(
         update={"name": "raw-attn"})]})

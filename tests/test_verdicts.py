@@ -195,8 +195,8 @@ methods:
 metrics:
   - {name: miou-inf, params: {tau: 0.4}}
 expect:
-  - daam.miou-inf@0.4 > noisy.miou-inf@0.4
-  - noisy.miou-inf@0.4 > daam.miou-inf@0.4
+  - daam.miou-inf_tau0.4 > noisy.miou-inf_tau0.4
+  - noisy.miou-inf_tau0.4 > daam.miou-inf_tau0.4
 min_n: 2
 """
 
@@ -267,7 +267,7 @@ def test_cli_exit_codes_items_mlflow_and_compare(tmp_path):
         items = list(csv.DictReader(f))
     n_words = len({r["item"] for r in items})
     assert len(items) == 2 * 3 * n_words  # every method x metric x item, excluded ones included
-    not_coco = [r for r in items if r["metric"] == "miou80@0.4"]
+    not_coco = [r for r in items if r["metric"] == "miou80_tau0.4"]
     assert all(r["value"] == "" and r["excluded"] == "word is not a COCO-80 class" for r in not_coco)
     md = (report_a / "report.md").read_text()
     assert "## Excluded items" in md and "| INCONCLUSIVE |" in md and "items.csv" in md
@@ -298,7 +298,7 @@ def test_cli_exit_codes_items_mlflow_and_compare(tmp_path):
     report_b = max((tmp_path / "reports" / "tiny-verdicts").glob("*/items.csv"), key=lambda p: p.stat().st_mtime)
     cmp = _cli(tmp_path, "compare", str(report_a), str(report_b.parent))
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    assert "relevance-mass" in cmp.stdout and "miou-inf@0.4" in cmp.stdout and f"│ {n_words} " in cmp.stdout
+    assert "relevance-mass" in cmp.stdout and "miou-inf_tau0.4" in cmp.stdout and f"│ {n_words} " in cmp.stdout
     by_id = _cli(tmp_path, "compare", parent.info.run_id, str(report_b.parent), "--tracking-uri", uri)
     assert by_id.returncode == 0 and by_id.stdout.count("relevance-mass") == cmp.stdout.count("relevance-mass")
     # runs over other items: refused in one line

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..labels import metric_label
+
 PER_SAMPLE = "per-sample"
 POOLED = "pooled"
 REDUCTIONS = (PER_SAMPLE, POOLED)
@@ -77,11 +79,8 @@ class MetricResult:
 
     @property
     def label(self) -> str:
-        """``name`` plus its parameters, e.g. ``miou80[tau=0.4]``: a unique column name for tables."""
-        if not self.params:
-            return self.name
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.name}[{inner}]"
+        """``name`` plus its parameters, e.g. ``miou80_tau0.4`` (:func:`evalkit.labels.metric_label`)."""
+        return metric_label(self.name, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN stays float NaN; tuples become lists)."""

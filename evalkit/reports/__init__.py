@@ -71,7 +71,7 @@ def claim_cells(c) -> list[str]:
 
 def reason_lines(rows: list[dict], unassigned: dict[str, str] | None = None) -> list[str]:
     """``count x reason: where`` for every exclusion reason, rows with the same count folded together
-    (``every row``, ``miou80@0.4 (every method)``, or ``method metric`` pairs), then items in no row."""
+    (``every row``, ``miou80_tau0.4 (every method)``, or ``method metric`` pairs), then items in no row."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     present = {(r["method"], r["metric"]) for r in rows}

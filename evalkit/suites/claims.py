@@ -1,8 +1,8 @@
 """Claims a suite expects to hold, and their verdicts.
 
-A claim compares two rows, ``norm.miou-inf@0.4 >= daam.miou-inf@0.4``, or a row and a number,
-``daam.miou-inf@0.4 > 0.2``. A side is ``<row id>.<metric id>`` (split at the first dot), a number,
-or a row with a margin, ``daam.miou-inf@0.4 - 0.02`` (non-inferiority; the sign needs spaces around it).
+A claim compares two rows, ``norm.miou-inf_tau0.4 >= daam.miou-inf_tau0.4``, or a row and a number,
+``daam.miou-inf_tau0.4 > 0.2``. A side is ``<row id>.<metric id>`` (split at the first dot), a number,
+or a row with a margin, ``daam.miou-inf_tau0.4 - 0.02`` (non-inferiority; the sign needs spaces around it).
 
 Every claim is a statistical statement (docs/suites.md, "Verdicts"): the difference D = left - right
 (margins included) is estimated on the per-item values, paired over the items both rows share, with a

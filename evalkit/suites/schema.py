@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..labels import metric_label
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -55,7 +57,7 @@ class MethodSpec(_Strict):
 
 class MetricSpec(_Strict):
     """One metric configuration: a registered metric ``name`` with ``params`` (e.g. ``tau``); ``id``
-    names it in claims (default: name plus parameters, e.g. ``miou-inf@0.4`` for tau)."""
+    names it in claims (default: name plus parameters, e.g. ``miou-inf_tau0.4``)."""
 
     name: str
     id: str | None = None
@@ -63,13 +65,8 @@ class MetricSpec(_Strict):
 
     @property
     def label(self) -> str:
-        if self.id:
-            return self.id
-        if set(self.params) == {"tau"}:
-            return f"{self.name}@{self.params['tau']}"
-        if not self.params:
-            return self.name
-        return self.name + "[" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items())) + "]"
+        """The id, else :func:`evalkit.labels.metric_label` (``miou-inf_tau0.4``), the one spelling."""
+        return self.id or metric_label(self.name, self.params)
 
 
 # -- protocol suites (evalkit.protocols) ---------------------------------------------------------
