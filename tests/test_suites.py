@@ -244,7 +244,8 @@ def test_method_subsets_and_added_methods_rescore_from_the_cache(tmp_path, tiny_
     full = run_suite(spec, cache_dir=tmp_path / "c", progress=False, pipe=tiny_pipe)
     subset = run_suite(select_methods(spec, ["daam"]), cache_dir=tmp_path / "c", progress=False, pipe=None)
     assert (full.n_computed, subset.n_computed) == (3, 0)  # pipe=None: nothing was even loaded
-    assert subset.results[("daam", "miou-inf_tau0.4")].per_sample == full.results[("daam", "miou-inf_tau0.4")].per_sample
+    key = ("daam", "miou-inf_tau0.4")
+    assert subset.results[key].per_sample == full.results[key].per_sample
     # a new method reading statistics the stored traces hold: re-scored from them, nothing generated
     grown = spec.model_copy(update={"methods": [*spec.methods, spec.methods[0].model_copy(
         update={"name": "raw-attn"})]})

@@ -9,20 +9,18 @@ CI, counts, reduction). The math is also available as plain functions on (H, W) 
 open_clip is imported only when a CLIP metric first scores something.
 """
 
-from . import adherence, checker, grounding, mapstats, sensitivity  # noqa: F401  (registers the built-ins)
+from . import adherence, aesthetic, checker, grounding, localization, mapstats, sensitivity  # noqa: F401
 from .adherence import (
     CLIPSCORE_W,
-    AestheticHead,
-    AestheticScore,
     ClipAdherence,
     ClipFullPromptSimilarity,
     ClipMinObjectSimilarity,
     ClipScore,
     ClipWeightsUnavailableError,
-    load_aesthetic_head,
     load_open_clip,
     to_pil_images,
 )
+from .aesthetic import AestheticHead, AestheticScore, load_aesthetic_head
 from .base import (
     PER_SAMPLE,
     POOLED,
@@ -42,11 +40,13 @@ from .grounding import (
     MIoU80,
     MIoUBestTau,
     MIoUInf,
+    binarize_daam,
+)
+from .localization import (
     PointingGame,
     RelevanceMass,
     RelevanceRank,
     TopKIntersection,
-    binarize_daam,
     pointing_game,
     relevance_mass,
     relevance_rank,

@@ -23,7 +23,8 @@ import numpy as np
 
 from ._inputs import as_map, check_normalize, check_same_shape, prepare, to_distribution, to_numpy
 from .base import PER_SAMPLE, POOLED, Metric
-from .grounding import DEFAULT_TAU, binarize_daam, relevance_mass
+from .grounding import DEFAULT_TAU, binarize_daam
+from .localization import relevance_mass
 from .masks import iou
 from .registry import register_metric
 
