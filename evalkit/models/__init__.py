@@ -113,8 +113,8 @@ def _resolve_local(model: str) -> Path | None:
         if not _is_diffusers_folder(path):
             script = "build_tiny_sd.py" if model == "tiny-sd" else "train_shapesworld.py"
             raise ModelLoadError(
-                f"built-in model {model!r} is missing at {path}; rebuild it with `python fixtures/{script}` "
-                "or restore the folder from git"
+                f"built-in model {model!r} is missing at {path}; in a source checkout rebuild it with "
+                f"`python fixtures/{script}` or restore the folder from git, else reinstall evalkit"
             )
         return path
     path = Path(model).expanduser()

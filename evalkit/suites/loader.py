@@ -10,32 +10,51 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ..resources import builtin_dir
 from .schema import SuiteSpec
 
-SUITES_DIR = Path(__file__).resolve().parents[2] / "suites"
+#: The built-in suites: the checkout's top-level ``suites/``, or the wheel's copy (see :mod:`evalkit.resources`).
+SUITES_DIR = builtin_dir("suites")
+#: Suites of the user's project: ``./suites`` of the working directory, looked up before the built-in ones.
+USER_SUITES = Path("suites")
 
 
 class SuiteError(ValueError):
     """A malformed suite file; the message names the file, the line and how to fix it."""
 
 
-def find_suite(name_or_path: str, suites_dir: Path = SUITES_DIR) -> Path:
-    """A suite by path, or by name under ``suites/`` (``task-a`` -> ``suites/task-a.yaml``)."""
+def suite_dirs() -> list[Path]:
+    """Where a suite name is looked up, first match wins: ``./suites`` of the working directory (when it exists),
+    then the built-in suites (once, when the two are the same folder, as in a checkout's root)."""
+    dirs = [USER_SUITES.resolve()] if USER_SUITES.is_dir() else []
+    if SUITES_DIR.resolve() not in dirs:
+        dirs.append(SUITES_DIR)
+    return dirs
+
+
+def find_suite(name_or_path: str, suites_dir: Path | None = None) -> Path:
+    """A suite by path, or by name (``task-a`` -> ``task-a.yaml``) in ``suites_dir``, else in :func:`suite_dirs`
+    (``./suites`` first, then the built-in suites)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
-    cand = suites_dir / f"{name_or_path}.yaml"
-    if cand.is_file():
-        return cand
+    dirs = [suites_dir] if suites_dir is not None else suite_dirs()
+    for d in dirs:
+        cand = d / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
     known = list_suites(suites_dir)
     close = difflib.get_close_matches(str(name_or_path), known, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise SuiteError(f"no suite {name_or_path!r}{hint} (suites in {suites_dir}: {', '.join(known) or 'none'})")
+    where = " and ".join(str(d) for d in dirs)
+    raise SuiteError(f"no suite {name_or_path!r}{hint} (suites in {where}: {', '.join(known) or 'none'})")
 
 
-def list_suites(suites_dir: Path = SUITES_DIR) -> list[str]:
-    """Names of runnable suites (files starting with ``_`` are shared includes)."""
-    return sorted(p.stem for p in suites_dir.glob("*.yaml") if not p.stem.startswith("_"))
+def list_suites(suites_dir: Path | None = None) -> list[str]:
+    """Names of runnable suites in ``suites_dir``, else in every folder of :func:`suite_dirs` (files starting
+    with ``_`` are shared includes)."""
+    dirs = [suites_dir] if suites_dir is not None else suite_dirs()
+    return sorted({p.stem for d in dirs for p in d.glob("*.yaml") if not p.stem.startswith("_")})
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -57,6 +76,16 @@ def _compose(path: Path) -> tuple[Any, yaml.Node | None]:
     return data, node
 
 
+def _find_include(path: Path, inc: str) -> Path:
+    """An ``include:`` target: relative to the including file, else among the built-in suites (so that a user
+    suite in ``./suites`` can ``include: _defaults.yaml`` without copying it)."""
+    cands = [path.parent / inc] + ([SUITES_DIR / inc] if not Path(inc).is_absolute() else [])
+    for cand in cands:
+        if cand.is_file():
+            return cand
+    raise SuiteError(f"{path}: include {inc!r} not found (looked for {' and '.join(str(c) for c in cands)})")
+
+
 def _resolve(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, tuple[Path, yaml.Node]]]:
     """Merged mapping plus, per top-level key, the file and node that set it (for error lines)."""
     path = path.resolve()
@@ -71,9 +100,7 @@ def _resolve(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, t
     merged: dict = {}
     includes = data.pop("include", None)
     for inc in [includes] if isinstance(includes, str) else (includes or []):
-        inc_path = (path.parent / inc)
-        if not inc_path.is_file():
-            raise SuiteError(f"{path}: include {inc!r} not found (looked for {inc_path})")
+        inc_path = _find_include(path, inc)
         inc_data, inc_origins = _resolve(inc_path, seen + (path,))
         merged = _merge(merged, inc_data)
         origins.update(inc_origins)

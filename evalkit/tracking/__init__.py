@@ -24,17 +24,24 @@ def default_tracking_uri() -> str:
 
 
 def metric_key(label: str) -> str:
-    """An MLflow-safe metric name: ``miou-inf@0.4`` -> ``miou-inf_tau0.4``."""
-    key = label.replace("@", "_tau").replace("[", "_").replace("]", "").replace("=", "").replace(",", "_")
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)
+    """The MLflow metric name of a label: the label itself (:mod:`evalkit.labels` spells labels MLflow-safe);
+    a user-chosen ``id:`` with other characters gets them replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", label)
 
 
 def git_commit() -> str:
+    """The commit of the source checkout evalkit runs from; "unknown" for an installed wheel (whose folder may sit
+    inside some other repository, whose commit says nothing about evalkit), without git, or on any git error."""
+    from ..resources import source_checkout
+
+    root = source_checkout()
+    if root is None:
+        return "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                             cwd=Path(__file__).resolve().parents[2])
-        return out.stdout.strip() or "unknown"
-    except OSError:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False, cwd=root,
+                             timeout=30)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
