@@ -45,7 +45,7 @@ def ensure_env(session: nox.Session) -> None:
     pip = [PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     session.run(*pip, "--upgrade", "pip")
     session.run(*pip, *TORCH)
-    session.run(*pip, "-e", ".[test]", *EXTRA)
+    session.run(*pip, "-e", ".[test,ray]", *EXTRA)
     session.run(*pip, "--no-deps", *DAAM_REF)
     stamp_file.write_text(_stamp())
 
@@ -70,6 +70,13 @@ def wheel(session: nox.Session) -> None:
 
 
 @nox.session
+def ray(session: nox.Session) -> None:
+    """The Ray executor's tests (a local cluster with 2 CPU actors); they also run in `tests`."""
+    ensure_env(session)
+    session.run(PY, "-m", "pytest", "-q", "tests/test_ray.py", *session.posargs, env=_env())
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests, fixtures scripts and benchmarks; the import-linter layer contracts."""
     ensure_env(session)
@@ -87,6 +94,7 @@ def bench(session: nox.Session) -> None:
         return
     session.run(PY, "benchmarks/bench_trace.py", *session.posargs, env=_env())
     session.run(PY, "benchmarks/bench_rerun.py", *(["--check"] if "--check" in session.posargs else []), env=_env())
+    session.run(PY, "benchmarks/bench_ray.py", env=_env())
 
 
 @nox.session(name="daam-reference")

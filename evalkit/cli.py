@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,6 +197,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["model"] = args.model
     if args.device:
         overrides["device"] = args.device
+    if args.executor:
+        overrides["executor"] = args.executor
+    if args.ray_address:
+        overrides["executor"] = args.executor or "ray"
+        overrides["ray"] = {"address": args.ray_address}
     result, _ = execute(args.suite, overrides=overrides or None, limit=args.limit, cache_dir=args.cache_dir,
                         reports_dir=args.reports_dir, tracking=not args.no_mlflow, tracking_uri=args.tracking_uri,
                         methods=_split(args.methods) or None, progress=not args.quiet,
@@ -290,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--strict", action="store_true", help="exit 1 when a claim is INCONCLUSIVE, too")
+    p.add_argument("--executor", choices=["local", "ray"], default=None,
+                   help="where cases are computed (default: the suite's `executor:`, local)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster address (implies --executor ray; default: start a local cluster)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("compare", help="paired differences of two runs over the items both share")
     p.add_argument("a", help="a reports/<suite>/<timestamp> folder or an MLflow run id")
@@ -318,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 importlib.import_module(module)
             except ImportError as err:
                 raise ValueError(f"--plugins: cannot import {module!r} ({err}); is it on PYTHONPATH?") from err
+        if args.plugins:  # executors that start other processes (Ray actors) import them there too
+            os.environ["EVALKIT_PLUGINS"] = ",".join(_split(args.plugins))
         return int(args.func(args) or 0)
     except INPUT_ERRORS as err:
         print(f"evalkit: error: {err}", file=sys.stderr)

@@ -3,6 +3,7 @@ method and metric from that one trace, cache each case atomically, reduce, and j
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from ..protocols.attribution import compute_case, load_case_attribution, method_
 from ..trace import Trace
 from .cache import CaseCache, content_key
 from .claims import ClaimOutcome, judge_spec
+from .executors import loaded_plugins, make_executor, progress_map
 from .loader import SUITES_DIR
 from .schema import TRACE_AUTO_LIMIT_MB, SuiteSpec
 from .store import model_fingerprint, source_digest
@@ -109,24 +111,29 @@ def run_suite(
     suite_stats = set().union(*(m.needs for m in methods.values())) if methods else set()
     rescore = _rescore_from_traces(spec, todo, methods, traces, maps, map_keys, progress)
     todo = [t for t in todo if t[0].key not in rescore]
-    if todo and pipe is None:
-        pipe = _load_pipe(spec)
-    with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
-        bar.update(len(cases) - len(todo))
-        keep = None
-        for case, missing, have_case in todo:
-            stored = traces.load(case.key)
-            stats = suite_stats | (Trace.stored_stats(stored) if stored is not None else set())
-            files, per_method, trace = compute_case(pipe, spec, case, {m: methods[m] for m in missing}, stats)
-            for label, mfiles in per_method.items():  # maps first: a stored case entry means a complete case
-                maps.store(map_keys[label][case.key], mfiles)
-            if trace.stats:
-                keep = _keep_trace(spec, trace) if keep is None else keep  # one size for every case of a suite
-                if keep:
-                    traces.store(case.key, trace.to_files())
-            if not have_case:
-                cache.store(case.key, files)
-            bar.update(1)
+    jobs = []
+    for case, missing, _ in todo:
+        stored = traces.load(case.key)
+        stats = suite_stats | (Trace.stored_stats(stored) if stored is not None else set())
+        jobs.append((case, {m: methods[m] for m in missing}, sorted(stats)))
+    executor = make_executor(spec, functools.partial(_load_pipe, spec), pipe, plugins=loaded_plugins())
+    try:
+        with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
+            bar.update(len(cases) - len(todo))
+            keep = None
+            compute = functools.partial(_attribution_job, spec)
+            for i, (files, per_method, trace_files) in progress_map(executor, compute, jobs, bar):
+                case, _, have_case = todo[i]
+                for label, mfiles in per_method.items():  # maps first: a stored case entry means a complete case
+                    maps.store(map_keys[label][case.key], mfiles)
+                if trace_files is not None:
+                    keep = _keep_trace(spec, trace_files) if keep is None else keep  # one size per suite
+                    if keep:
+                        traces.store(case.key, trace_files)
+                if not have_case:
+                    cache.store(case.key, files)
+    finally:
+        executor.close()
     dirs = [cache.path(c.key) for c in cases]
     map_dirs = [{label: maps.path(map_keys[label][c.key]) for label in methods} for c in cases]
     results, samples = score_maps(spec, cases, dirs, map_dirs)
@@ -135,12 +142,21 @@ def run_suite(
                        n_rescored=len(rescore))
 
 
-def _keep_trace(spec: SuiteSpec, trace: Trace) -> bool:
+def _attribution_job(spec: SuiteSpec, pipe, job: tuple) -> tuple[dict, dict[str, dict], dict | None]:
+    """Compute one attribution case (``job``: case, methods still missing, statistics to record) on ``pipe``:
+    the case entry's files, each method's maps entry, and the trace's files (None when nothing was traced).
+    Files only, so that a Ray actor can send them back."""
+    case, methods, stats = job
+    files, per_method, trace = compute_case(pipe, spec, case, methods, set(stats))
+    return files, per_method, (trace.to_files() if trace.stats else None)
+
+
+def _keep_trace(spec: SuiteSpec, trace_files: dict) -> bool:
     """Whether the suite's traces go into the cache (``store_traces``); ``auto`` skips large traces and
     says so."""
     if spec.store_traces != "auto":
         return bool(spec.store_traces)
-    mb = sum(t.numel() * t.element_size() for per_layer in trace.stats.values() for t in per_layer) / 2**20
+    mb = len(trace_files["trace.safetensors"]) / 2**20
     if mb <= TRACE_AUTO_LIMIT_MB:
         return True
     tqdm.write(f"evalkit: traces are not cached ({mb:.0f} MB per case > {TRACE_AUTO_LIMIT_MB:.0f} MB); set "
@@ -200,13 +216,14 @@ def run_cases(spec: SuiteSpec, cases: list[Case], base: dict, cache_dir: str | P
     cache = CaseCache(cache_dir)
     key_cases(cases, base)
     todo = [c for c in cases if cache.load(c.key) is None]
-    if todo and pipe is None:
-        pipe = _load_pipe(spec)
-    with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
-        bar.update(len(cases) - len(todo))
-        for case in todo:
-            cache.store(case.key, compute(pipe, case))
-            bar.update(1)
+    executor = make_executor(spec, functools.partial(_load_pipe, spec), pipe, plugins=loaded_plugins())
+    try:
+        with tqdm(total=len(cases), desc=f"{spec.name}: cases", disable=not progress, unit="case") as bar:
+            bar.update(len(cases) - len(todo))
+            for i, files in progress_map(executor, compute, todo, bar):
+                cache.store(todo[i].key, files)
+    finally:
+        executor.close()
     return len(todo), [cache.path(c.key) for c in cases], cache.n_corrupt
 
 

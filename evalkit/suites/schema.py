@@ -70,6 +70,19 @@ class MetricSpec(_Strict):
 
 
 # -- protocol suites (evalkit.protocols) ---------------------------------------------------------
+class RaySpec(_Strict):
+    """The Ray executor's settings: cluster ``address`` (None: start a local cluster), number of ``actors``
+    (each holds one loaded pipeline), CPUs and GPUs reserved per actor, cases per batch, and torch threads
+    per actor (None: the driver's count, so that CPU results equal a local run's bit for bit)."""
+
+    address: str | None = None
+    actors: int = Field(2, ge=1)
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(4, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
 class VariantSpec(_Strict):
     """One row of a protocol suite (e.g. ``fixed-seed``, ``top-5``, ``NOUN``): ``id`` names it in results
     and claims; ``params`` configure it (see the protocol's documentation)."""
@@ -113,6 +126,10 @@ class SuiteSpec(_Strict):
     #: ``TRACE_AUTO_LIMIT_MB`` per case (built-in models: ~3.5 MB; SD 1.5 at 512 px: ~70 MB per statistic).
     #: Not part of any cache key.
     store_traces: bool | Literal["auto"] = "auto"
+    #: Where cases are computed (:mod:`evalkit.suites.executors`): this process, or actors on a Ray cluster.
+    #: Neither changes a result, so neither is part of a cache key.
+    executor: Literal["local", "ray"] = "local"
+    ray: RaySpec = Field(default_factory=RaySpec)
 
     @field_validator("methods", "metrics")
     @classmethod
