@@ -86,7 +86,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Tracing overhead and memory, then first run vs identical rerun of task-a (ratios measured in one run);
+    """Tracing overhead and memory, then first run vs identical rerun of task-a (ratios measured in one run), the Ray
+    executor, and SD 1.5 / SD 2.1 / SDXL at full geometry with random weights (benchmarks/bench_families.py);
     `-- --device cuda`: the GPU benchmark (untraced vs evalkit vs daam 0.2.0, benchmarks/bench_gpu.py)."""
     ensure_env(session)
     if any(a.startswith("--device") for a in session.posargs):  # `-- --device cuda`: the GPU benchmark
@@ -95,6 +96,7 @@ def bench(session: nox.Session) -> None:
     session.run(PY, "benchmarks/bench_trace.py", *session.posargs, env=_env())
     session.run(PY, "benchmarks/bench_rerun.py", *(["--check"] if "--check" in session.posargs else []), env=_env())
     session.run(PY, "benchmarks/bench_ray.py", env=_env())
+    session.run(PY, "benchmarks/bench_families.py", *(["--check"] if "--check" in session.posargs else []), env=_env())
 
 
 @nox.session(name="daam-reference")
@@ -115,12 +117,30 @@ def attribute(session: nox.Session) -> None:
     session.run(str(BIN / "evalkit"), "attribute", *args, env=_env())
 
 
+def _pop_suite(args: list[str], default: str) -> tuple[str, list[str]]:
+    """``--suite NAME`` / ``--suite=NAME`` taken out of a session's arguments (the rest go to `evalkit run`)."""
+    rest, suite, i = [], default, 0
+    while i < len(args):
+        if args[i] == "--suite" and i + 1 < len(args):
+            suite, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--suite="):
+            suite = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return suite, rest
+
+
 @nox.session(name="eval-task-a")
 def eval_task_a(session: nox.Session) -> None:
     """Task A (attribution fidelity) on the embedded ShapesWorld model; args after -- go to `evalkit run`
-    (e.g. `-- --model CompVis/stable-diffusion-v1-4 --device cuda --limit 10 --methods daam,norm`)."""
+    (e.g. `-- --model CompVis/stable-diffusion-v1-4 --device cuda --limit 10 --methods daam,norm`), except
+    `--suite NAME`, which picks another Task A suite (`-- --suite task-a-coco --model CompVis/stable-diffusion-v1-4
+    --device cuda`: COCO-style captions with Grounded-SAM ground truth)."""
     ensure_env(session)
-    session.run(str(BIN / "evalkit"), "run", "task-a", *session.posargs, env=_env())
+    suite, args = _pop_suite(list(session.posargs), "task-a")
+    session.run(str(BIN / "evalkit"), "run", suite, *args, env=_env())
 
 
 # -- protocol suites (paper 000 ablations and Task B); args after -- go to `evalkit run` ---------------

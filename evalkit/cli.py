@@ -17,6 +17,8 @@ from pathlib import Path
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
 #: The methods `evalkit attribute` runs when --methods is not given.
 DEFAULT_METHODS = ("daam", "raw-attn", "norm", "hrv-selective")
+SET_HELP = ("override a suite key (repeatable; dotted keys, YAML values), e.g. --set sampler.steps=1 "
+            "--set ground_truth.detector=/models/grounding-dino-tiny")
 
 
 def _parse_value(text: str):
@@ -82,6 +84,24 @@ def cmd_protocols(args: argparse.Namespace) -> int:
     for name, summary in protocols.items():
         print(f"{name:<{width}}  {summary}")
     return 0
+
+
+def cmd_check_method(args: argparse.Namespace) -> int:
+    """Check an attribution method's invariants on the built-in models (evalkit.conformance): one line
+    per invariant; exit 0 when all hold, 1 when one fails (an unknown method is bad input: 2)."""
+    from .conformance import Conformance, parse_params, summarize
+
+    conformance = Conformance(args.method, _split(args.models) or None, parse_params(args.param or []))
+    print(f"check-method {conformance.label} on {', '.join(conformance.models)}")
+    rows = summarize(conformance.run())
+    width = max(len(r.invariant) for r in rows)
+    for r in rows:
+        where = "" if r.status == "PASSED" else f"[{r.model}] "
+        print(f"{r.status:<7}  {r.invariant:<{width}}  {where}{r.message}")
+    failed = [r.invariant for r in rows if r.status == "FAILED"]
+    print(f"{len(failed)} of {len(rows)} invariants FAILED: {', '.join(failed)}" if failed
+          else f"all {len(rows)} invariants hold")
+    return 1 if failed else 0
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -176,9 +196,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate a suite file (schema, names, claims) and run the preflight a run would (methods and
     metrics built with their parameters, HRV heads, scheduler, data files, device)."""
     from .preflight import check_suite
-    from .suites import load_suite
+    from .suites import load_suite, parse_set, resolve_model_hrv
 
-    spec = load_suite(args.suite)
+    spec = resolve_model_hrv(load_suite(args.suite, parse_set(args.set or []) or None))
     check_suite(spec)
     print(f"{args.suite}: OK ({len(spec.methods)} methods, {len(spec.metrics)} metrics, {len(spec.expect)} claims)")
     return 0
@@ -186,7 +206,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a suite; exit 0 when no claim FAILED, 1 when one did (``--strict``: or is INCONCLUSIVE)."""
-    from .suites import execute
+    from .suites import execute, parse_set
     from .suites.claims import exit_code
 
     if args.limit is not None and args.limit < 1:
@@ -202,6 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address:
         overrides["executor"] = args.executor or "ray"
         overrides["ray"] = {"address": args.ray_address}
+    parse_set(args.set or [], overrides)
     result, _ = execute(args.suite, overrides=overrides or None, limit=args.limit, cache_dir=args.cache_dir,
                         reports_dir=args.reports_dir, tracking=not args.no_mlflow, tracking_uri=args.tracking_uri,
                         methods=_split(args.methods) or None, progress=not args.quiet,
@@ -258,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("protocols", help="list registered suite protocols")
     p.set_defaults(func=cmd_protocols)
 
+    p = sub.add_parser("check-method", help="check an attribution method's invariants on the built-in models")
+    p.add_argument("method", help="registered name (--plugins imports user modules) or pkg.module:Class")
+    p.add_argument("--models", default=None, help="comma-separated built-in models (default: every supported one)")
+    p.add_argument("--param", action="append", help="constructor parameter NAME=VALUE (repeatable; JSON values)")
+    p.set_defaults(func=cmd_check_method)
+
     p = sub.add_parser("attribute", help="generate once, trace once, attribute words with several methods")
     p.add_argument("--model", default="tiny-sd", help="built-in name, local diffusers folder, or hub id")
     p.add_argument("--prompt", required=True)
@@ -282,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_suites)
     p = sub.add_parser("validate", help="validate a suite file")
     p.add_argument("suite")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("run", help="run a suite: table, claims, MLflow, report")
     p.add_argument("suite", help="suite name under suites/ or a YAML path")
@@ -300,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where cases are computed (default: the suite's `executor:`, local)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster address (implies --executor ray; default: start a local cluster)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("compare", help="paired differences of two runs over the items both share")
     p.add_argument("a", help="a reports/<suite>/<timestamp> folder or an MLflow run id")

@@ -1,11 +1,12 @@
 """Evaluation items: prompt, seed, the words to attribute and their ground-truth masks, from ShapesWorld
-(exact masks), a COCO-format JSON, or a DAAM experiment folder; a case is an item at one seed. Shared by
-the suite runner and the protocols (below both in the layers)."""
+(exact masks), a COCO-format JSON, a DAAM experiment folder, or a prompts file (no masks); a case is an item
+at one seed. Shared by the suite runner and the protocols (below both in the layers)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +21,8 @@ class EvalItem:
 
     ``ground``, when set, derives the masks from the *generated* image instead (ShapesWorld: the
     model places objects itself, so the reference scene's masks do not apply); ``masks`` then
-    only fixes the words.
+    only fixes the words. ``unmasked`` lists further words to attribute that have no reference mask
+    (captions without annotations): only ``ground`` gives them one.
     """
 
     id: str
@@ -28,10 +30,12 @@ class EvalItem:
     seed: int
     masks: dict[str, np.ndarray] = field(repr=False)
     ground: Callable[[object], dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    unmasked: tuple[str, ...] = ()
 
     @property
     def words(self) -> list[str]:
-        return list(self.masks)
+        """The words to attribute: those with reference masks, then the unmasked ones."""
+        return list(dict.fromkeys([*self.masks, *self.unmasked]))
 
 
 @dataclass
@@ -43,8 +47,30 @@ class Case:
     key: str = ""
 
 
-def load_items(spec: DataSpec, limit: int | None = None) -> list[EvalItem]:
-    """Items of a data spec (at most ``limit``)."""
+def resolve_data_path(raw: str, base_dir: Path | None = None) -> Path:
+    """A data file named in a suite: as given (relative to the working directory), else under ``base_dir``
+    (the built-in suites folder)."""
+    path = Path(raw)
+    if path.exists() or path.is_absolute() or base_dir is None:
+        return path
+    return base_dir / path if (base_dir / path).exists() else path
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a text file: one a line, blank lines and lines starting with ``#`` skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} not found")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def prompt_items(path: Path, n: int, seed: int) -> list[EvalItem]:
+    """The first ``n`` prompts of a prompts file as items without masks, item ``i`` at seed ``seed + i``."""
+    return [EvalItem(id=f"{path.stem}-{i}", prompt=p, seed=seed + i, masks={})
+            for i, p in enumerate(read_prompts(path)[:n])]
+
+
+def load_items(spec: DataSpec, limit: int | None = None, base_dir: Path | None = None) -> list[EvalItem]:
+    """Items of a data spec (at most ``limit``); relative paths not found as given resolve under ``base_dir``."""
     n = min(spec.n, limit) if limit else spec.n
     if spec.source == "shapesworld":
         from .shapesworld import dataset
@@ -58,13 +84,17 @@ def load_items(spec: DataSpec, limit: int | None = None) -> list[EvalItem]:
     from .groundtruth import GroundTruth, import_daam_folder
 
     if spec.path is None:
-        raise ValueError(f"data source {spec.source!r} needs `path:` (a COCO json file or a DAAM folder)")
-    gt = GroundTruth.load(spec.path) if spec.source == "coco" else import_daam_folder(spec.path)
+        raise ValueError(f"data source {spec.source!r} needs `path:` (a COCO json file, a DAAM folder or a prompts "
+                         "file)")
+    path = resolve_data_path(spec.path, base_dir)
+    if spec.source == "prompts":
+        return prompt_items(path, n, spec.seed)
+    gt = GroundTruth.load(path) if spec.source == "coco" else import_daam_folder(path)
     items = []
     for img in gt.images[:n]:
         if img.seed is None:
             raise ValueError(
-                f"{spec.path}: image {img.id} ({img.file_name}) has no seed: add 'seed' to the image record"
+                f"{path}: image {img.id} ({img.file_name}) has no seed: add 'seed' to the image record"
             )
         items.append(EvalItem(id=f"{spec.source}-{img.id}", prompt=img.prompt, seed=int(img.seed),
                               masks=gt.masks_for(img.id)))

@@ -91,40 +91,18 @@ def build(kind: str, name: str, params: dict, where: str):
 def model_head_names(model: str) -> list[str] | None:
     """The attn2 head names of ``model``'s UNet, from its config alone (built on the meta device, no
     weights read); None when the config is not available offline (a hub id not in the cache)."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    from .trace import model_head_names as head_names
 
-    from .builtin_models import BUILTIN_MODELS
-    from .trace import find_cross_attention_layers
-
-    folder = Path(BUILTIN_MODELS.get(model, model)).expanduser()
-    try:
-        if folder.is_dir():
-            cfg = json.loads((folder / "unet" / "config.json").read_text())
-        else:
-            cfg = UNet2DConditionModel.load_config(model, subfolder="unet", local_files_only=True)
-    except (OSError, ValueError):
-        return None
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg)
-    return [n for info, _ in find_cross_attention_layers(unet) for n in info.head_names()]
+    return head_names(model)
 
 
 def hrv_for_model(model: str, heads: list[str] | None) -> str | None:
     """The head relevance vectors that fit ``model``: its own ``hrv.json`` (a built-in's or a local
-    folder's), else the shipped SD v1.4 vectors when the model has SD 1.x's heads; None otherwise.
-    ``heads`` None (config not available offline): the first candidate, checked when the method runs."""
-    from .builtin_models import BUILTIN_MODELS
-    from .methods import HeadRelevance
+    folder's), else the shipped vectors (sd14, sdxl) whose heads are the model's; None otherwise.
+    ``heads`` None (config not available offline): see :func:`evalkit.methods.hrv_for_model`."""
+    from .methods import hrv_for_model as find
 
-    folder = Path(BUILTIN_MODELS.get(model, model)).expanduser()
-    candidates = ([str(folder / "hrv.json")] if (folder / "hrv.json").is_file() else []) + ["sd14"]
-    if heads is None:  # the model's config is not available offline: the method checks the heads when it runs
-        return candidates[0]
-    for cand in candidates:
-        if set(HeadRelevance.load(cand).heads) == set(heads):
-            return cand
-    return None
+    return find(model, heads)
 
 
 def check_hrv_heads(hrv, heads: list[str] | None, where: str, model: str) -> None:
@@ -216,11 +194,37 @@ def check_suite(spec, *, limit: int | None = None, reports_dir: str | Path | Non
             raise InputError(f"suite {name!r} variant {v.id!r}: params.hrv: {err}") from None
         check_hrv_heads(hrv, heads, f"suite {name!r} variant {v.id!r}", spec.model)
     _check_data(spec)
+    _check_ground_truth(spec)
     check_device(spec.device, "device")
     if reports_dir is not None:
         check_writable(reports_dir, "reports folder")
     if tracking_uri is not None:
         check_tracking(tracking_uri)
+
+
+def _check_ground_truth(spec) -> None:
+    """Grounded-SAM's detector and segmenter load offline (local folders or the Hugging Face cache; nothing is
+    downloaded or read into memory), and spaCy can name the nouns of prompts that have no masks."""
+    gt = spec.ground_truth
+    if not gt.grounded_sam:
+        return
+    from .groundtruth.grounded_sam import check_detector, check_segmenter
+
+    for key, check in (("detector", lambda: check_detector(gt.detector)),
+                       ("segmenter", lambda: check_segmenter(gt.segmenter, gt.sam_type))):
+        try:
+            check()
+        except (OSError, ValueError) as err:
+            raise InputError(f"suite {spec.name!r} ground_truth.{key}: {err} (override: --set "
+                             f"ground_truth.{key}=PATH)") from None
+    if spec.data.source != "shapesworld":  # captions without masks: their words are spaCy's nouns
+        from .protocols.common import spacy_nlp
+
+        try:
+            spacy_nlp()
+        except RuntimeError as err:
+            msg = f"suite {spec.name!r}: the prompts' nouns need spaCy's English model: {err}"
+            raise EnvironmentProblem(msg) from None
 
 
 def _check_data(spec) -> None:

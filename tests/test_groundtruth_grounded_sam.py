@@ -27,29 +27,42 @@ from transformers import (
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessor,
     GroundingDinoProcessor,
+    SamConfig,
+    SamImageProcessor,
+    SamModel,
+    SamProcessor,
     SwinConfig,
 )
 
 from evalkit.groundtruth import GroundTruth, decode_rle
-from evalkit.groundtruth.grounded_sam import CACHE_FORMAT, GroundedSam, image_sha256
+from evalkit.groundtruth.grounded_sam import (
+    CACHE_FORMAT,
+    GroundedSam,
+    TransformersSamPredictor,
+    check_detector,
+    check_segmenter,
+    image_sha256,
+)
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "cat", "dog", "car", "on", "the", "sofa"]
 H, W = 96, 128
 
 
-def tiny_processor(tmp: Path) -> GroundingDinoProcessor:
-    (tmp / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+def tiny_processor(tmp: Path, vocab: list[str] = VOCAB) -> GroundingDinoProcessor:
+    """Grounding DINO's processor with a BERT tokenizer over ``vocab`` and 112 px images."""
+    (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizer(str(tmp / "vocab.txt"), do_lower_case=True)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 112, "longest_edge": 112})
     return GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def tiny_dino() -> GroundingDinoForObjectDetection:
+def tiny_dino(vocab_size: int = len(VOCAB)) -> GroundingDinoForObjectDetection:
+    """Grounding DINO at toy size (Swin 32 wide, one-layer BERT, 64-d transformer), random weights."""
     torch.manual_seed(0)
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=7,
                                    out_indices=[2, 3, 4]),
-        text_config=BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        text_config=BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64, max_position_embeddings=64),
         d_model=64, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
         encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20, max_text_len=32,
@@ -73,6 +86,35 @@ def tiny_sam(checkpoint: str | None = None) -> Sam:
     if checkpoint is not None:
         sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     return sam
+
+
+def tiny_hf_sam() -> tuple[SamModel, SamProcessor]:
+    """transformers' ``SamModel`` at toy size (ViT 32 wide, depth 2, 256 px), random weights, with its processor."""
+    torch.manual_seed(2)
+    config = SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=256, window_size=4, global_attn_indexes=[1], mlp_dim=64, num_pos_feats=16),
+        prompt_encoder_config=dict(hidden_size=32, image_size=256, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                 iou_head_hidden_dim=32, iou_head_depth=1),
+    )
+    image_processor = SamImageProcessor(size={"longest_edge": 256}, pad_size={"height": 256, "width": 256},
+                                        mask_size={"longest_edge": 64}, mask_pad_size={"height": 64, "width": 64})
+    return SamModel(config).eval(), SamProcessor(image_processor=image_processor)
+
+
+def save_tiny_grounded_sam(root: Path) -> tuple[Path, Path]:
+    """Folders ``root/tiny-dino`` and ``root/tiny-sam`` (transformers' SamModel) as ``save_pretrained`` writes them,
+    with a word-piece vocabulary of single letters, so that the detector's tokenizer spells any lower-case word."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *letters, *(f"##{c}" for c in letters)]
+    dino, sam = root / "tiny-dino", root / "tiny-sam"
+    tiny_dino(len(vocab)).save_pretrained(dino)
+    tiny_processor(root, vocab).save_pretrained(dino)
+    model, processor = tiny_hf_sam()
+    model.save_pretrained(sam)
+    processor.save_pretrained(sam)
+    return dino, sam
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -310,3 +352,60 @@ def test_argument_validation(models, image) -> None:
         make(models, None, keep="some")
     with pytest.raises(ValueError, match="non-empty strings"):
         make(models, None).masks(image, [""])
+
+
+def test_transformers_sam_folder_gives_box_masks_and_from_pretrained_loads_it(models, image, tmp_path: Path) -> None:
+    """SAM as transformers' SamModel (hub id or folder): boxes mapped to its frame as segment-anything maps them,
+    masks of image shape, cached and reloaded identically; the offline checks accept both folders."""
+    detector, processor, _ = models
+    sam, sam_processor = tiny_hf_sam()
+    predictor = TransformersSamPredictor(sam, sam_processor)
+    predictor.set_image(np.asarray(image), image_format="RGB")
+    boxes = predictor.transform.apply_boxes_torch(torch.tensor([[30.0, 20.0, 90.0, 70.0]]), (H, W))
+    np.testing.assert_allclose(boxes.numpy(), [[60.0, 40.0, 180.0, 140.0]])  # longest side 128 -> 256
+    masks, iou, low = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
+    assert masks.shape == (1, 1, H, W) and masks.dtype == torch.bool and iou.shape == (1, 1)
+
+    sam.save_pretrained(tmp_path / "tiny-sam")
+    sam_processor.save_pretrained(tmp_path / "tiny-sam")
+    detector.save_pretrained(tmp_path / "tiny-dino")
+    processor.save_pretrained(tmp_path / "tiny-dino")
+    check_detector(str(tmp_path / "tiny-dino"))
+    check_segmenter(str(tmp_path / "tiny-sam"))
+    gsam = GroundedSam.from_pretrained(tmp_path / "tiny-dino", tmp_path / "tiny-sam", box_threshold=0.0,
+                                       text_threshold=0.0, cache_dir=tmp_path / "c", local_files_only=True)
+    assert gsam.sam_id.startswith("sam-hf:tiny-sam@") and isinstance(gsam.sam_predictor, TransformersSamPredictor)
+    first = gsam.masks(image, ["cat", "dog"])
+    assert all(m.shape == (H, W) and m.dtype == bool for m in first.values())
+    again = GroundedSam.from_pretrained(tmp_path / "tiny-dino", tmp_path / "tiny-sam", box_threshold=0.0,
+                                        text_threshold=0.0, cache_dir=tmp_path / "c", local_files_only=True)
+    out = again.ground(image, ["cat", "dog"])
+    assert all(g.cached for g in out.values()) and again.stats["computed"] == 0
+    for word in ("cat", "dog"):
+        np.testing.assert_array_equal(out[word].mask, first[word])
+
+
+def test_offline_checks_name_the_fix_in_one_line(models, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "bad-dino").mkdir()
+    (tmp_path / "bad-dino" / "config.json").write_text("{not json")
+    for source, match in ((tmp_path / "bad-dino", "cannot load Grounding DINO from local folder"),
+                          ("IDEA-Research/grounding-dino-tiny", "hf download IDEA-Research/grounding-dino-tiny")):
+        with pytest.raises(OSError, match=match) as info:
+            check_detector(str(source))
+        assert "\n" not in str(info.value)
+    detector, processor, predictor = models
+    detector.save_pretrained(tmp_path / "no-weights")
+    processor.save_pretrained(tmp_path / "no-weights")
+    (tmp_path / "no-weights" / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="no weights"):
+        check_detector(str(tmp_path / "no-weights"))
+    with pytest.raises(ValueError, match="not 'sam'"):
+        check_segmenter(str(tmp_path / "no-weights"))  # a Grounding DINO folder is no SAM
+    with pytest.raises(ValueError, match="cannot tell the SAM type"):
+        check_segmenter(str(tmp_path / "weights.pth"))
+    monkeypatch.setitem(sam_model_registry, "tiny", tiny_sam)
+    torch.save(predictor.model.state_dict(), tmp_path / "tiny_sam.pth")
+    check_segmenter(str(tmp_path / "tiny_sam.pth"), "tiny")  # memory-mapped and compared on the meta device
+    torch.save({"wrong": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="does not fit sam_type 'tiny'"):
+        check_segmenter(str(tmp_path / "other.pth"), "tiny")

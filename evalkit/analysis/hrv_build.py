@@ -22,13 +22,13 @@ from ..trace import Tracer, find_cross_attention_layers
 
 @torch.no_grad()
 def _concept_embeddings(pipe, words: Sequence[str]) -> list[torch.Tensor]:
-    """Semantic-token text embeddings ``(n_tokens, D)`` of each word, encoded on its own."""
+    """Semantic-token text embeddings ``(n_tokens, D)`` of each word, encoded on its own by the pipeline's own
+    prompt encoder (SD: the text encoder's last layer; SDXL: both encoders' penultimate layers, concatenated)."""
     out = []
     for w in words:
-        ids = pipe.tokenizer(w, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
         n = len(pipe.tokenizer(w).input_ids)
-        emb = pipe.text_encoder(ids.to(pipe.device))[0][0]
+        emb = pipe.encode_prompt(prompt=w, device=pipe.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)[0][0]
         out.append(emb[1:n - 1])
     return out
 

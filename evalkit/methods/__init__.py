@@ -4,7 +4,7 @@ from . import aggregation, daam, hrv, norm, raw_attn  # noqa: F401  (registers t
 from .aggregation import NormHeadsOnly, NormTimestepsOnly
 from .base import Attribution, AttributionMethod, aggregate
 from .daam import DAAM
-from .hrv import HeadRelevance, HRVSelective
+from .hrv import SHIPPED_HRVS, HeadRelevance, HRVSelective, hrv_for_model
 from .norm import NormAttribution, SquaredNormAttribution, head_strengths
 from .raw_attn import RawAttn
 from .registry import (
@@ -25,6 +25,7 @@ __all__ = [
     "NormHeadsOnly",
     "NormTimestepsOnly",
     "RawAttn",
+    "SHIPPED_HRVS",
     "SquaredNormAttribution",
     "UnknownMethodError",
     "aggregate",
@@ -32,5 +33,6 @@ __all__ = [
     "create_method",
     "get_method_class",
     "head_strengths",
+    "hrv_for_model",
     "register_method",
 ]

@@ -18,6 +18,10 @@ from .registry import register_method
 #: The published SD v1.4 HRVs shipped with evalkit (SNU-DRL/HRV, Apache-2.0; see NOTICE-hrv_sd14.md).
 SD14_HRV = "sd14"
 
+#: Published HRVs shipped with evalkit (SNU-DRL/HRV, Apache-2.0; see the NOTICE files in evalkit/data): name ->
+#: file in evalkit/data. Each names the heads of one UNet geometry: sd14 SD 1.x's 128, sdxl SDXL base's 1300.
+SHIPPED_HRVS: dict[str, str] = {SD14_HRV: "hrv_sd14.json", "sdxl": "hrv_sdxl.json"}
+
 
 @dataclass(frozen=True)
 class HeadRelevance:
@@ -34,20 +38,21 @@ class HeadRelevance:
 
     @classmethod
     def load(cls, source: str | Path) -> HeadRelevance:
-        """Read an HRV JSON file; ``"sd14"`` loads the shipped SD v1.4 vectors, and a built-in model
-        name (e.g. ``"shapesworld"``) the ``hrv.json`` shipped in that model's folder."""
+        """Read an HRV JSON file; a shipped name (``"sd14"``, ``"sdxl"``, see :data:`SHIPPED_HRVS`) loads the
+        published vectors, and a built-in model name (e.g. ``"shapesworld"``) the ``hrv.json`` shipped in that
+        model's folder."""
         from ..builtin_models import BUILTIN_MODELS
 
         if str(source) in BUILTIN_MODELS and (Path(BUILTIN_MODELS[str(source)]) / "hrv.json").is_file():
             source = Path(BUILTIN_MODELS[str(source)]) / "hrv.json"
-        if str(source) == SD14_HRV:
-            text = resources.files("evalkit.data").joinpath("hrv_sd14.json").read_text()
-            origin = "the shipped SD v1.4 HRV file"
+        if str(source) in SHIPPED_HRVS:
+            text = resources.files("evalkit.data").joinpath(SHIPPED_HRVS[str(source)]).read_text()
+            origin = f"the shipped {source} HRV file"
         else:
             path = Path(source)
             if not path.is_file():
                 raise FileNotFoundError(f"HRV file {str(path)!r} does not exist: pass a JSON file written by "
-                                        "evalkit (or 'sd14' for the shipped SD v1.4 vectors)")
+                                        f"evalkit (or one of the shipped vectors: {', '.join(SHIPPED_HRVS)})")
             text = path.read_text()
             origin = str(path)
         try:
@@ -88,6 +93,38 @@ class HeadRelevance:
         key = -vec if order == "most" else vec
         idx = sorted(range(len(self.heads)), key=lambda j: (float(key[j]), j))[:k]
         return [self.heads[j] for j in idx]
+
+
+def _shipped_heads(name: str) -> frozenset[str]:
+    """The head names of a shipped HRV file (read once per process: SDXL's file is 0.9 MB)."""
+    if name not in _SHIPPED_HEADS:
+        _SHIPPED_HEADS[name] = frozenset(HeadRelevance.load(name).heads)
+    return _SHIPPED_HEADS[name]
+
+
+_SHIPPED_HEADS: dict[str, frozenset[str]] = {}
+
+
+def hrv_for_model(model: str, heads: Sequence[str] | None) -> str | None:
+    """The head relevance vectors that fit ``model`` (``hrv: model``) as a source :meth:`HeadRelevance.load`
+    reads: the model's own ``hrv.json`` (a built-in's, named by the model's name, or a local folder's path),
+    else the shipped vectors whose head list is exactly the model's UNet heads (sd14 for SD 1.x geometry, sdxl
+    for SDXL's); None when none fits. ``heads`` None (the model's config is not available offline): its own
+    file, else the shipped vectors of the family its hub id names (checked when it runs)."""
+    from ..builtin_models import BUILTIN_MODELS
+
+    folder = Path(BUILTIN_MODELS.get(model, model)).expanduser()
+    own = []
+    if (folder / "hrv.json").is_file():
+        own = [model if model in BUILTIN_MODELS else str(folder / "hrv.json")]
+    if heads is None:
+        guess = [SD14_HRV] if "stable-diffusion-v1" in model else ["sdxl"] if "-xl-" in model else []
+        return (own + guess or [None])[0]
+    model_heads = frozenset(heads)
+    for candidate in own:
+        if frozenset(HeadRelevance.load(candidate).heads) == model_heads:
+            return candidate
+    return next((name for name in SHIPPED_HRVS if _shipped_heads(name) == model_heads), None)
 
 
 def heads_by_layer(trace: Trace, names: Sequence[str], hrv: HeadRelevance) -> dict[int, list[int]]:

@@ -1,12 +1,15 @@
 """Load Stable Diffusion pipelines for evaluation: built-in fixtures, local diffusers folders or hub ids.
 
-Everything works offline; a hub id that is not cached fails fast with a :class:`ModelLoadError`
-that tells the user to pass a local folder instead.
+The pipeline class follows the folder's ``model_index.json`` (see :mod:`evalkit.models.families`): SD 1.x and
+SD 2.x load as ``StableDiffusionPipeline``, SDXL as ``StableDiffusionXLPipeline``. Everything works offline; a
+hub id that is not cached fails fast with a :class:`ModelLoadError` that tells the user to pass a local folder
+instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from pathlib import Path
@@ -15,31 +18,46 @@ import huggingface_hub
 import torch
 from diffusers import (
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from evalkit.models.families import FAMILIES, Family, UnsupportedModelError, family_of
 from evalkit.models.tokenizer import build_clip_tokenizer
 
 __all__ = [
     "BUILTIN_DESCRIPTIONS",
     "BUILTIN_MODELS",
     "DTYPES",
+    "FAMILIES",
+    "PIPELINES",
     "SCHEDULERS",
+    "Family",
     "ModelLoadError",
     "build_clip_tokenizer",
     "list_builtin_models",
     "load",
     "load_tokenizer",
     "make_scheduler",
+    "model_family",
     "resolve_dtype",
     "set_scheduler",
+    "unet_config",
 ]
 
-from evalkit.builtin_models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS  # noqa: E402
+from evalkit.builtin_models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS, BUILTIN_SCRIPTS  # noqa: E402
+
+#: diffusers pipeline class name -> class, for every supported family.
+PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
 
 #: Scheduler name -> diffusers scheduler class (built from the pipeline's scheduler config).
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -96,7 +114,7 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
     return cls.from_config(config)
 
 
-def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> StableDiffusionPipeline:
+def set_scheduler(pipe: DiffusionPipeline, name: str) -> DiffusionPipeline:
     """Replace ``pipe.scheduler`` in place by the scheduler called ``name``; returns ``pipe``."""
     pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
     return pipe
@@ -111,7 +129,7 @@ def _resolve_local(model: str) -> Path | None:
     if model in BUILTIN_MODELS:
         path = BUILTIN_MODELS[model]
         if not _is_diffusers_folder(path):
-            script = "build_tiny_sd.py" if model == "tiny-sd" else "train_shapesworld.py"
+            script = BUILTIN_SCRIPTS[model]
             raise ModelLoadError(
                 f"built-in model {model!r} is missing at {path}; in a source checkout rebuild it with "
                 f"`python fixtures/{script}` or restore the folder from git, else reinstall evalkit"
@@ -136,17 +154,52 @@ def _hub_offline() -> bool:
     return env.strip().lower() in {"1", "true", "yes", "on"} or huggingface_hub.is_offline_mode()
 
 
-def _from_hub(model_id: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """Load a hub id from the local cache, downloading only when the hub is allowed and reachable."""
-    kwargs = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+def _read_config(source: str | Path, subfolder: str | None = None, local_only: bool = True) -> dict:
+    """A pipeline's ``model_index.json`` (or a component's ``config.json``) from a folder or a hub id."""
+    if isinstance(source, Path):
+        return json.loads((source / (subfolder or "") / ("config.json" if subfolder else "model_index.json"))
+                          .read_text())
+    if subfolder:
+        return dict(UNet2DConditionModel.load_config(source, subfolder=subfolder, local_files_only=local_only))
+    return dict(DiffusionPipeline.load_config(source, local_files_only=local_only))
+
+
+def _pipeline_class(index: dict, model: str) -> type[DiffusionPipeline]:
+    """The pipeline class of a ``model_index.json``; an unsupported family is a ModelLoadError."""
     try:
-        return StableDiffusionPipeline.from_pretrained(model_id, local_files_only=True, **kwargs)
+        family_of(index)
+    except UnsupportedModelError as err:
+        raise ModelLoadError(f"model {model!r}: {err}") from None
+    return PIPELINES[index["_class_name"]]
+
+
+def _pipeline_kwargs(cls: type[DiffusionPipeline], dtype: torch.dtype) -> dict:
+    """from_pretrained keywords: no safety checker (SD), no invisible watermark (SDXL: an optional package)."""
+    if cls is StableDiffusionXLPipeline:
+        return {"dtype": dtype, "add_watermarker": False}
+    return {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+
+
+def _load_pipeline(source: str | Path, model: str, dtype: torch.dtype, local_only: bool) -> DiffusionPipeline:
+    """Read the model index, then load it with its family's pipeline class."""
+    cls = _pipeline_class(_read_config(source, local_only=local_only), model)
+    return cls.from_pretrained(source, local_files_only=local_only, **_pipeline_kwargs(cls, dtype))
+
+
+def _from_hub(model_id: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """Load a hub id from the local cache, downloading only when the hub is allowed and reachable."""
+    try:
+        return _load_pipeline(model_id, model_id, dtype, local_only=True)
     except _HUB_ERRORS as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
         if _hub_offline():
             raise _not_found(model_id) from exc
     try:
-        return StableDiffusionPipeline.from_pretrained(model_id, **kwargs)
+        return _load_pipeline(model_id, model_id, dtype, local_only=False)
     except _HUB_ERRORS as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
         raise _not_found(model_id) from exc
 
 
@@ -181,11 +234,13 @@ def load(
     scheduler: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
-) -> StableDiffusionPipeline:
-    """Load a StableDiffusionPipeline by built-in name, local diffusers folder or hub id.
+) -> DiffusionPipeline:
+    """Load a pipeline by built-in name, local diffusers folder or hub id, with the class its family needs.
 
-    The safety checker is disabled and the progress bar silenced; ``scheduler`` optionally swaps
-    the scheduler by name (see :data:`SCHEDULERS`).
+    SD 1.x/2.x give a ``StableDiffusionPipeline``, SDXL a ``StableDiffusionXLPipeline`` (two tokenizers and
+    text encoders; the first tokenizer defines token positions, see :mod:`evalkit.trace.tokens`). The safety
+    checker and SDXL's watermarker are off, the progress bar silenced; ``scheduler`` optionally swaps the
+    scheduler by name (see :data:`SCHEDULERS`).
     """
     model = os.fspath(model)
     torch_dtype = resolve_dtype(dtype)
@@ -194,16 +249,11 @@ def load(
     local = _resolve_local(model)
     with _quiet_loading():
         if local is not None:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                local,
-                dtype=torch_dtype,
-                safety_checker=None,
-                requires_safety_checker=False,
-                local_files_only=True,
-            )
+            pipe = _load_pipeline(local, model, torch_dtype, local_only=True)
         else:
             pipe = _from_hub(model, torch_dtype)
-    pipe.safety_checker = None
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
     pipe.feature_extractor = None
     if scheduler is not None:
         set_scheduler(pipe, scheduler)
@@ -211,9 +261,36 @@ def load(
     return pipe.to(device)
 
 
+def unet_config(model: str) -> dict | None:
+    """The UNet config of ``model`` (built-in name, local folder or cached hub id) without its weights; None
+    when it is not available offline."""
+    model = os.fspath(model)
+    try:
+        local = _resolve_local(model)
+        return _read_config(local if local is not None else model, "unet")
+    except (*_HUB_ERRORS, ModelLoadError):
+        return None
+
+
+def model_family(model: str) -> Family:
+    """The family of ``model`` from its ``model_index.json`` and UNet config (no weights read)."""
+    model = os.fspath(model)
+    local = _resolve_local(model)
+    source = local if local is not None else model
+    try:
+        index = _read_config(source)
+    except _HUB_ERRORS as exc:
+        raise _not_found(model) from exc
+    try:
+        return family_of(index, unet_config(model))
+    except UnsupportedModelError as err:
+        raise ModelLoadError(f"model {model!r}: {err}") from None
+
+
 def load_tokenizer(model: str):
     """The CLIP tokenizer of a model (built-in name, local folder or cached hub id) without loading its
-    weights: re-scoring a stored trace needs the word alignment, not the UNet."""
+    weights: re-scoring a stored trace needs the word alignment, not the UNet. For SDXL it is the first of
+    the two tokenizers, the one that defines token positions."""
     from transformers import CLIPTokenizer
 
     model = os.fspath(model)

@@ -80,10 +80,12 @@ def write_vocab_files(out_dir: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_clip_tokenizer(out_dir: Path | None = None) -> CLIPTokenizer:
+def build_clip_tokenizer(out_dir: Path | None = None, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     """Build the SD 1.x CLIP tokenizer offline; write ``vocab.json``/``merges.txt`` to ``out_dir`` if given.
 
-    ``model_max_length=77`` is required: without it the pipeline's padding overflows an int.
+    ``model_max_length=77`` is required: without it the pipeline's padding overflows an int. ``pad_token``
+    ``"!"`` gives the tokenizer of SD 2.x and of SDXL's second encoder (OpenCLIP pads with id 0, not the end
+    token); the ids of a prompt and its start/end tokens are the same either way.
     """
     vocab, merges = clip_vocab_and_merges()
     if out_dir is not None:
@@ -96,6 +98,6 @@ def build_clip_tokenizer(out_dir: Path | None = None) -> CLIPTokenizer:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        pad_token=pad_token,
         model_max_length=MAX_LENGTH,
     )

@@ -30,6 +30,7 @@ class AttributionFidelity(Protocol):
     single_map_metrics = True
     rows = "methods"
     split_cache = True
+    ground_truths = frozenset({"exact", "coco", "grounded-sam"})
 
     def cache_key(self, spec: Any) -> dict:
         return {}

@@ -52,9 +52,14 @@ class Protocol:
     #: The suite runner stores a case as split entries (case, maps per method, trace) and scores the maps
     #: itself (the attribution protocol); otherwise one entry per case from :meth:`compute`.
     split_cache: ClassVar[bool] = False
+    #: The ``ground_truth:`` sources whose masks the protocol scores against (empty: it reads no masks). A suite
+    #: that names another one is rejected: nothing would read it. ``grounded-sam`` items get their masks from
+    #: the generated image through ``EvalItem.ground`` (see :func:`evalkit.protocols.grounding.with_ground_truth`).
+    ground_truths: ClassVar[frozenset[str]] = frozenset({"exact", "coco"})
 
     def check_layout(self, spec: Any) -> None:
-        """Reject options the protocol does not read and rows it does not take (one line naming the fix)."""
+        """Reject options the protocol does not read, rows it does not take and a ground truth it would not use (one
+        line naming the fix)."""
         bad = sorted(set(spec.options) - set(self.options))
         if bad:
             known = list(self.options) or "none"
@@ -64,6 +69,21 @@ class Protocol:
                              "it takes no `variants:`")
         if self.rows == "variants" and not spec.variants:
             raise ValueError(f"suite {spec.name!r}: protocol {self.name!r} needs `variants:` (its rows)")
+        self._check_ground_truth(spec)
+
+    def _check_ground_truth(self, spec: Any) -> None:
+        """``ground_truth:`` is one the protocol reads, and is not overruled by ``options.masks`` or the data."""
+        source = spec.ground_truth.source
+        if source not in self.ground_truths and (source == "grounded-sam" or "ground_truth" in spec.model_fields_set):
+            reads = f"reads only {sorted(self.ground_truths)}" if self.ground_truths else "scores no masks"
+            raise ValueError(f"suite {spec.name!r}: protocol {self.name!r} {reads}, so `ground_truth: {source}` would "
+                             "never be used; remove it (Grounded-SAM masks: protocol attribution)")
+        if source == "grounded-sam" and spec.options.get("masks") == "reference":
+            raise ValueError(f"suite {spec.name!r}: options.masks: reference scores against the data's own masks, so "
+                             "`ground_truth: grounded-sam` would never be used; remove one of them")
+        if self.ground_truths and spec.data.source == "prompts" and source != "grounded-sam":
+            raise ValueError(f"suite {spec.name!r}: data.source prompts has no masks for protocol {self.name!r} to "
+                             "score against; set `ground_truth: {source: grounded-sam, ...}`")
 
     def check(self, spec: Any) -> None:
         """Reject a suite this protocol cannot run: options, rows, metrics (one line naming the fix)."""
@@ -83,10 +103,12 @@ class Protocol:
                              f"defines {sorted(self.metrics)}{also}")
 
     def items(self, spec: Any, limit: int | None, suites_dir: Path) -> list[EvalItem]:
-        """The suite's items (at most ``limit``); ``suites_dir`` resolves relative data paths."""
+        """The suite's items (at most ``limit``) with the suite's ground truth; ``suites_dir`` resolves relative data
+        paths."""
         from ..items import load_items
+        from .grounding import with_ground_truth
 
-        return load_items(spec.data, limit)
+        return with_ground_truth(spec, load_items(spec.data, limit, suites_dir))
 
     def compute(self, pipe: Any, spec: Any, case: Case, methods: dict[str, AttributionMethod],
                 stats: list[str]) -> dict[str, Any]:

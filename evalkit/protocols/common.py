@@ -53,7 +53,9 @@ def case_masks(spec: Any, item: Any, image: Image.Image) -> dict[str, np.ndarray
     - ``generated``: the pixels of the word's object in the case's generated (baseline) image (the
       item's grounder, else ShapesWorld's checker): the model need not reproduce the reference layout.
 
-    An object not found in the image gives an empty mask: a NaN sample, excluded and counted."""
+    Masks from the grounder take the reference mask's size; a word without a reference mask (a caption's
+    noun under Grounded-SAM) keeps the image's. An object not found in the image gives an empty mask: a NaN
+    sample, excluded and counted."""
     mode = spec.options.get("masks", "auto")
     if mode not in ("auto", "generated", "reference"):
         raise ValueError(f"suite {spec.name!r}: options.masks must be auto, generated or reference, got {mode!r}")
@@ -74,10 +76,12 @@ def case_masks(spec: Any, item: Any, image: Image.Image) -> dict[str, np.ndarray
                     m |= o.mask
             found[w] = m
     out = {}
-    for w, ref in item.masks.items():
-        m = np.asarray(found.get(w, np.zeros(ref.shape, dtype=bool)), dtype=bool)
-        if m.shape != ref.shape:
-            m = np.asarray(Image.fromarray(m).resize(ref.shape[::-1], Image.NEAREST), dtype=bool)
+    for w in item.words:
+        ref = item.masks.get(w)
+        shape = ref.shape if ref is not None else image.size[::-1]
+        m = np.asarray(found.get(w, np.zeros(shape, dtype=bool)), dtype=bool)
+        if m.shape != shape:
+            m = np.asarray(Image.fromarray(m).resize(shape[::-1], Image.NEAREST), dtype=bool)
         out[w] = m
     return out
 
@@ -166,6 +170,11 @@ def spacy_nlp():
 
         _NLP = load_spacy()
     return _NLP
+
+
+def prompt_nouns(prompt: str) -> list[str]:
+    """The prompt's nouns as spaCy tags them (NOUN, PROPN), distinct, in order: a caption's object words."""
+    return list(dict.fromkeys(t.text for t in spacy_nlp()(prompt) if t.pos_ in ("NOUN", "PROPN")))
 
 
 def read_json(path: Path) -> Any:

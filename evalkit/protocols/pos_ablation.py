@@ -139,6 +139,7 @@ class PosAblation(Protocol):
     summary = "POS ablation: head sensitivity of removed words grouped by part of speech (paper 000 Table 5)"
     options = ("words",)
     metrics = frozenset(POS_METRICS)
+    ground_truths = frozenset()  # sensitivity and map concentration need no masks
     extra_stats = frozenset({"norm"})
 
     def compute(self, pipe, spec, case, methods, stats):

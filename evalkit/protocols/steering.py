@@ -1,9 +1,9 @@
 """``steering-adherence`` (Task B, paper 000 Tables 2-3). Variant params: ``steering`` = ``none`` |
 ``value`` | ``hrv``; value: ``alpha`` (2.0), ``k`` (5), ``steps`` (the first N UNet calls, default half
-the sampler's steps); hrv: ``hrv`` (an HRV JSON file, ``sd14``, or ``model`` for the running model's own
-vectors). An item a variant cannot steer (a noun whose removal changes how the other words tokenize has
-no S(h, i); a noun no HRV concept lists; no noun; no HRV configured) gets no steered image: it is
-excluded from that row with its reason and never scored as steered. Adherence per image:
+the sampler's steps); hrv: ``hrv`` (an HRV JSON file, ``sd14``/``sdxl``, or ``model`` for the vectors
+that fit the running model's heads). An item a variant cannot steer (a noun whose removal changes how the
+other words tokenize has no S(h, i); a noun no HRV concept lists; no noun; no HRV configured) gets no steered
+image: it is excluded from that row with its reason and never scored as steered. Adherence per image:
 ``checker-full-prompt``, ``checker-mos`` (ShapesWorld's analytic checker) and the CLIP metrics
 ``clip-full-prompt``, ``clip-min-object``, ``clip-score`` when their weights are configured (metric
 ``params.pretrained``), otherwise skipped with a message. Option ``prompts``: a text file of prompts
@@ -18,10 +18,10 @@ from typing import Any
 
 from PIL import Image
 
-from ..items import EvalItem, item_key
+from ..items import EvalItem, item_key, prompt_items
 from ..metrics import MetricUnavailableError, create_metric
 from .base import Protocol, Scores, register_protocol
-from .common import clean, generate_case, read_json, spacy_nlp
+from .common import clean, generate_case, prompt_nouns, read_json
 
 CLIP_METRICS = {"clip-full-prompt", "clip-min-object", "clip-score"}
 STEER_METRICS = {"checker-full-prompt", "checker-mos"} | CLIP_METRICS
@@ -33,17 +33,14 @@ def _prompt_items(spec: Any, limit: int | None, suites_dir: Path) -> list[EvalIt
     path = raw if raw.is_absolute() or raw.is_file() else suites_dir / raw
     if not path.is_file():
         raise FileNotFoundError(f"suite {spec.name!r}: prompts file {str(raw)!r} not found (looked for {path})")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    n = min(spec.data.n, limit) if limit else spec.data.n
-    return [EvalItem(id=f"{path.stem}-{i}", prompt=p, seed=spec.data.seed + i, masks={})
-            for i, p in enumerate(lines[:n])]
+    return prompt_items(path, min(spec.data.n, limit) if limit else spec.data.n, spec.data.seed)
 
 
 def _steer_words(item: EvalItem) -> list[str]:
     """The words to steer: the item's grounded nouns, or the prompt's nouns by spaCy."""
     if item.masks:
         return item.words
-    return list(dict.fromkeys(t.text for t in spacy_nlp()(item.prompt) if t.pos_ in ("NOUN", "PROPN")))
+    return prompt_nouns(item.prompt)
 
 
 def object_prompts(prompt: str) -> list[str]:
@@ -60,18 +57,22 @@ def object_prompts(prompt: str) -> list[str]:
     return parts or [prompt]
 
 
-def model_hrv(model: str, variant: str = "hrv") -> str:
-    """The head relevance vectors of ``model`` (``hrv: model`` in a suite): a built-in model's or a local
-    folder's ``hrv.json``, the shipped vectors for SD v1.4; other models need an explicit file."""
-    from ..builtin_models import BUILTIN_MODELS
+def model_hrv(model: str, variant: str = "hrv", kind: str = "variant") -> str:
+    """The head relevance vectors of ``model`` (``hrv: model`` in a suite): those whose head list matches the
+    model's UNet, found from its config without weights (its own ``hrv.json``, else the shipped sd14 or sdxl
+    vectors, see :func:`evalkit.methods.hrv_for_model`); no match is an error naming the ``kind`` (variant,
+    method) and its id."""
+    from ..methods import SHIPPED_HRVS, hrv_for_model
+    from ..trace import model_head_names
 
-    folder = Path(BUILTIN_MODELS.get(model, model))
-    if (folder / "hrv.json").is_file():
-        return str(folder / "hrv.json")
-    if "stable-diffusion-v1-4" in model:
-        return "sd14"
-    raise ValueError(f"variant {variant!r}: no head relevance vectors are known for model {model!r}; set "
-                     "params.hrv to an HRV JSON built with evalkit.analysis.build_hrv (or 'sd14')")
+    heads = model_head_names(model)
+    found = hrv_for_model(model, heads)
+    if found is None:
+        size = "" if heads is None else f" ({len(heads)} attn2 heads)"
+        raise ValueError(f"{kind} {variant!r}: no head relevance vectors are known for model {model!r}{size}: "
+                         f"neither an hrv.json of its own nor shipped vectors ({', '.join(SHIPPED_HRVS)}) name "
+                         "its heads; set params.hrv to an HRV JSON built with evalkit.analysis.build_hrv")
+    return found
 
 
 def _hrv_concept(hrv, word: str) -> str | None:
@@ -209,6 +210,7 @@ class SteeringAdherence(Protocol):
 
     summary = "steering adherence: value steering / HRV strengthening vs none, scored by adherence (Task B)"
     options = ("prompts",)
+    ground_truths = frozenset()  # adherence is scored without masks
     metrics = frozenset(STEER_METRICS)
 
     def items(self, spec, limit, suites_dir):

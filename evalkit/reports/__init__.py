@@ -1,9 +1,9 @@
 """Suite reports: the result table (metric, direction, value, CI95), the claims, and figures, as
-``reports/<suite>/<timestamp>/report.md`` plus an HTML rendering of the same content."""
+``reports/<suite>/<timestamp>/report.md`` plus a self-contained HTML page (:mod:`.html`) that adds the
+run's provenance, a chart per metric family (:mod:`.charts`) and per-case overlays (:mod:`.overlays`)."""
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from datetime import datetime, timezone
@@ -97,17 +97,24 @@ def reason_lines(rows: list[dict], unassigned: dict[str, str] | None = None) -> 
 
 
 def write_report(result, rows: list[dict], figures: list[Path], root: str | Path = "reports",
-                 stamp: str | None = None, items: list[dict] | None = None) -> Path:
-    """Write report.md, report.html, results.json and items.csv; returns the report folder."""
+                 stamp: str | None = None, items: list[dict] | None = None, overlay_cases: int | None = None) -> Path:
+    """Write report.md, report.html (self-contained, :mod:`evalkit.reports.html`), results.json and items.csv;
+    returns the report folder. ``overlay_cases``: cases an attribution report draws (default 8)."""
+    from .. import __version__
     from ..suites.claims import summary_line
+    from .html import library_versions, render_html, short_commit
+    from .overlays import DEFAULT_CASES
 
     spec = result.spec
-    stamp = stamp or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    now = datetime.now(timezone.utc)
+    stamp = stamp or now.strftime("%Y%m%dT%H%M%SZ")
     out = Path(root) / spec.name / stamp
     out.mkdir(parents=True, exist_ok=True)
     unassigned = dict(getattr(result, "unassigned", {}) or {})
+    libs = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     lines = [f"# {spec.name}", "", spec.description.strip(), "",
              f"model `{spec.model}`, {result.n_cases} cases, sampler {spec.sampler.model_dump()}", "",
+             f"evalkit {__version__} (commit {short_commit()}), {libs}", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
     reasons = reason_lines(rows, unassigned)
@@ -125,34 +132,19 @@ def write_report(result, rows: list[dict], figures: list[Path], root: str | Path
         lines.append("(none)")
     lines += ["", "Per-item values: [items.csv](items.csv)", "", "## Figures", ""]
     for f in figures:
+        if not f.is_file():
+            lines.append(f"(figure {f.name} missing)")
+            continue
         target = out / f.name
         if f.resolve() != target.resolve():
             target.write_bytes(f.read_bytes())
         lines.append(f"![{f.stem}]({f.name})")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.html").write_text(_html(spec, rows, result, figures, reasons))
+    page = render_html(result, rows, figures, reasons, now.isoformat(timespec="seconds"),
+                       DEFAULT_CASES if overlay_cases is None else overlay_cases)
+    (out / "report.html").write_text(page, encoding="utf-8")
     write_items_csv(items or [], out / "items.csv")
     (out / "results.json").write_text(json.dumps(
         {"rows": rows, "claims": [c.to_dict() for c in result.claims], "summary": summary_line(result.claims),
          "unassigned": unassigned}, indent=1, default=str))
     return out
-
-
-def _html(spec, rows, result, figures, reasons) -> str:
-    head = "".join(f"<th>{h}</th>" for h in HEADER)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(rows))
-    colour = {"PASSED": "green", "FAILED": "red", "INCONCLUSIVE": "#b58900"}
-    chead = "".join(f"<th>{h}</th>" for h in CLAIM_HEADER)
-    claims = "".join(
-        f"<tr style='color:{colour[c.verdict]}'>" + "".join(f"<td>{html.escape(x)}</td>" for x in claim_cells(c))
-        + "</tr>" for c in result.claims)
-    excl = "".join(f"<li>{html.escape(x)}</li>" for x in reasons)
-    figs = "".join(f"<figure><img src='{f.name}' style='max-width:100%'><figcaption>{f.stem}</figcaption></figure>"
-                   for f in figures)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{spec.name}</title></head><body>"
-            f"<h1>{html.escape(spec.name)}</h1><p>{html.escape(spec.description)}</p>"
-            f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
-            + (f"<h2>Excluded items</h2><ul>{excl}</ul>" if excl else "")
-            + f"<h2>Claims</h2><table border='1' cellpadding='4'><tr>{chead}</tr>{claims}</table>"
-            f"<p><a href='items.csv'>per-item values (items.csv)</a></p>"
-            f"<h2>Figures</h2>{figs}</body></html>")

@@ -105,6 +105,7 @@ def execute(
     spec = load_suite(suite, overrides)
     if methods:
         spec = select_methods(spec, methods)
+    spec = resolve_model_hrv(spec, methods)
     from ..preflight import check_suite, check_writable
 
     check_suite(spec, limit=limit, reports_dir=reports_dir,
@@ -116,9 +117,13 @@ def execute(
     print_summary(result, rows)
     figures = list(result.figures)  # protocol suites bring their own figures
     if spec.protocol == "attribution":
-        case_key = content_key([c.key for c in result.cases])[:12]
-        grid = cache_dir / "figures" / spec.name / f"overlays-{case_key}.png"
-        if not grid.is_file():  # depends only on the cases: a rerun reuses it
+        from ..reports.overlays import GRID_PREFIX, LAYOUT
+
+        # depends only on the cases, the methods' maps entries and the layout: a rerun reuses it
+        grid_key = content_key({"cases": [c.key for c in result.cases], "layout": LAYOUT,
+                                "maps": [{m: p.name for m, p in md.items()} for md in result.map_dirs]})[:12]
+        grid = cache_dir / "figures" / spec.name / f"{GRID_PREFIX}{grid_key}.png"
+        if not grid.is_file():
             save_image_grid(result, grid)
         figures.insert(0, grid)
     report = _write(result, rows, figures, reports_dir, items)
@@ -152,7 +157,60 @@ def _stored(data: dict, methods, cache_dir, key, load_result):
         return None  # never stored; the full path reports the error with file and line
     if methods:
         spec = select_methods(spec, methods)
-    return load_result(cache_dir, key, spec)
+    stored = load_result(cache_dir, key, spec)
+    if stored is not None:  # a method with `hrv: model` that the run skipped (no vectors fit the model) has no rows
+        rows = {r["method"] for r in stored.rows}
+        keep = [m.label for m in spec.methods if m.label in rows or m.params.get("hrv") != "model"]
+        if len(keep) < len(spec.methods):
+            stored.spec = select_methods(spec, keep)
+    return stored
+
+
+def resolve_model_hrv(spec: SuiteSpec, requested: list[str] | None = None) -> SuiteSpec:
+    """Methods whose ``params.hrv`` is still ``model`` (no head relevance vectors fit the suite's model, see
+    ``loader._resolve_model_hrv``) are skipped with a notice, with their claims, as ``evalkit attribute`` skips
+    hrv-selective; named in ``requested`` (``--methods``), or when nothing else is left, that is an error."""
+    users = [m for m in spec.methods if m.params.get("hrv") == "model"]
+    if not users:
+        return spec
+    from ..protocols import model_hrv
+
+    try:
+        found = model_hrv(spec.model, users[0].label, "method")
+    except ValueError as err:
+        asked = [m.label for m in users if requested and (m.label in requested or m.name in requested)]
+        if asked or len(users) == len(spec.methods):
+            raise SuiteError(f"suite {spec.name!r}: {err}") from None
+        for m in users:
+            print(f"{m.label} skipped: {str(err).split(': ', 1)[-1]}")
+        return select_methods(spec, [m.label for m in spec.methods if m not in users])
+    methods = [m.model_copy(update={"params": {**m.params, "hrv": found}}) if m in users else m for m in spec.methods]
+    return spec.model_copy(update={"methods": methods})
+
+
+def parse_set(items: list[str], into: dict | None = None) -> dict:
+    """Command-line ``--set KEY=VALUE`` overrides as a nested mapping merged into ``into``: dotted keys
+    (``ground_truth.detector=/models/dino`` -> ``{"ground_truth": {"detector": "/models/dino"}}``), YAML values
+    (``1``, ``0.3``, ``null``, ``[1, 2]``; anything else stays a string)."""
+    import yaml
+
+    out = into if into is not None else {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise SuiteError(f"--set {item!r} must look like KEY=VALUE with a dotted suite key, e.g. sampler.steps=1")
+        try:
+            value = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            value = text
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                node[part] = {}  # a later, deeper --set replaces a scalar set before
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
 
 
 def select_methods(spec: SuiteSpec, wanted: list[str]) -> SuiteSpec:
@@ -207,7 +265,9 @@ __all__ = [
     "list_suites",
     "load_suite",
     "parse_claim",
+    "parse_set",
     "print_summary",
+    "resolve_model_hrv",
     "result_rows",
     "run_suite",
     "save_image_grid",

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -20,14 +19,15 @@ from ..items import Case, EvalItem
 from ..methods import create_method
 from ..metrics import MetricResult
 from ..protocols import get_protocol
-from ..protocols.attribution import compute_case, load_case_attribution, method_files, score_maps
+from ..protocols.attribution import compute_case, load_case_attribution, method_files, score_maps  # noqa: F401
+from ..protocols.grounding import grounded_sam_stats
 from ..trace import Trace
 from .cache import CaseCache, content_key
 from .claims import ClaimOutcome, judge_spec
 from .executors import loaded_plugins, make_executor, progress_map
 from .loader import SUITES_DIR
 from .schema import TRACE_AUTO_LIMIT_MB, SuiteSpec
-from .store import model_fingerprint, source_digest
+from .store import model_fingerprint, path_fingerprint, source_digest
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -85,8 +85,51 @@ def run_suite(
     """Run ``spec``; cases already in the cache are read back, not recomputed."""
     protocol = get_protocol(spec.protocol)
     protocol.check(spec)
-    if not protocol.split_cache:
-        return run_protocol(spec, cache_dir=cache_dir, limit=limit, progress=progress, pipe=pipe)
+    spec = with_ground_truth_cache(spec, cache_dir)
+    grounding = grounded_sam_stats() if spec.ground_truth.grounded_sam else None
+    try:
+        if not protocol.split_cache:
+            return run_protocol(spec, cache_dir=cache_dir, limit=limit, progress=progress, pipe=pipe)
+        return _run_attribution(spec, protocol, cache_dir=cache_dir, limit=limit, progress=progress, pipe=pipe)
+    finally:
+        if grounding is not None:
+            report_grounding(spec, grounding)
+
+
+def with_ground_truth_cache(spec: SuiteSpec, cache_dir: str | Path) -> SuiteSpec:
+    """``spec`` with Grounded-SAM's mask cache defaulting to ``<cache_dir>/grounded-sam`` (no part of any key)."""
+    gt = spec.ground_truth
+    if not gt.grounded_sam or gt.cache is not None:
+        return spec
+    cache = str(Path(cache_dir) / "grounded-sam")
+    return spec.model_copy(update={"ground_truth": gt.model_copy(update={"cache": cache})})
+
+
+def ground_truth_key(spec: SuiteSpec) -> dict:
+    """What of ``ground_truth`` shapes a case's masks, for its key: nothing for the data's own masks (their digest
+    is in the key already); for Grounded-SAM its settings with fingerprints of local model files, not the cache."""
+    gt = spec.ground_truth
+    if not gt.grounded_sam:
+        return {}
+    settings = gt.model_dump(exclude={"cache"})
+    settings["files"] = {k: path_fingerprint(settings[k]) for k in ("detector", "segmenter")
+                         if Path(settings[k]).exists()}
+    return {"ground_truth": settings}
+
+
+def report_grounding(spec: SuiteSpec, before: dict[str, int]) -> None:
+    """One line on the Grounded-SAM masks this run needed (cases read from the case cache need none)."""
+    now = grounded_sam_stats()
+    done = {k: now[k] - before[k] for k in now}
+    if done["cache_hits"] or done["computed"]:
+        tqdm.write(f"evalkit: grounded-sam ground truth: {done['computed']} word masks computed ({done['no_box']} "
+                   f"without a box above the thresholds), {done['cache_hits']} read from its cache "
+                   f"{spec.ground_truth.cache}", file=sys.stderr)
+
+
+def _run_attribution(spec: SuiteSpec, protocol, *, cache_dir: str | Path, limit: int | None, progress: bool,
+                     pipe) -> SuiteResult:
+    """The attribution protocol's run: split cache entries (case, maps per method, trace), scored from the maps."""
     items = protocol.items(spec, limit, SUITES_DIR)
     cases = _cases(spec, items)
     methods = {m.label: create_method(m.name, **m.params) for m in spec.methods}
@@ -95,7 +138,7 @@ def run_suite(
     # entry of their own, so a subset of methods, or another method next to cached ones, re-scores
     # without generating whatever is cached
     base = {"model": model_fingerprint(spec.model), "dtype": spec.dtype, "sampler": spec.sampler.model_dump(),
-            "options": spec.options, "code": code}
+            "options": spec.options, "code": code, **ground_truth_key(spec)}
     cache, maps = CaseCache(cache_dir), CaseCache(Path(cache_dir) / "maps")
     traces = CaseCache(Path(cache_dir) / "traces")
     key_cases(cases, base)
@@ -253,6 +296,7 @@ def run_protocol(spec: SuiteSpec, *, cache_dir: str | Path = ".cache/evalkit", l
         "stats": stats,
         "methods": {m.label: {"name": m.name, "params": methods[m.label].params()} for m in spec.methods},
         **protocol.cache_key(spec),
+        **ground_truth_key(spec),
         "options": spec.options,
         "code": code_version(),
         "protocol_code": protocol_code_version(),
@@ -296,31 +340,12 @@ def item_rows(result: SuiteResult) -> list[dict]:
     return out
 
 
-def save_image_grid(result: SuiteResult, path: Path, max_cases: int = 4) -> Path:
-    """Heat-map overlays of the first cases for every method (one figure)."""
-    import matplotlib
+def save_image_grid(result: SuiteResult, path: Path, max_cases: int = 8) -> Path:
+    """The overlay grid of the first ``max_cases`` cases (every evaluated word, each method's map with the
+    ground-truth outline, full prompts) as one PNG; drawn by :func:`evalkit.reports.overlays.save_overlay_grid`."""
+    from ..reports.overlays import save_overlay_grid
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = list(zip(result.cases, result.case_dirs, result.map_dirs))[:max_cases]
-    methods = [m.label for m in result.spec.methods]
-    fig, axes = plt.subplots(len(cases), len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.2 * len(cases)),
-                             squeeze=False)
-    for i, (case, d, md) in enumerate(cases):
-        image = Image.open(d / "image.png").convert("RGB")
-        word = case.item.words[0]
-        axes[i][0].imshow(image)
-        axes[i][0].set_title(case.item.prompt[:28], fontsize=6)
-        for j, m in enumerate(methods):
-            load_case_attribution(d, md[m], m).overlay(image, word, ax=axes[i][j + 1])
-            axes[i][j + 1].set_title(f"{m}: {word}", fontsize=7)
-        for ax in axes[i]:
-            ax.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_overlay_grid(result, path, max_cases)
 
 
 def dump_json(obj, path: Path) -> None:

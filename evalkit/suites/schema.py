@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..labels import metric_label
 
@@ -29,9 +29,11 @@ class DataSpec(_Strict):
     ``shapesworld``: ``n`` generated scenes (``seed``, ``n_objects``, ``size``) with exact masks.
     ``coco``: a COCO-format JSON (``path``) whose images carry ``prompt`` and ``seed``.
     ``daam``: a DAAM experiment folder (``path``), converted to COCO on the fly.
+    ``prompts``: a text file (``path``) of prompts, one a line (``#`` starts a comment line), item ``i`` at seed
+    ``seed + i``; it has no masks, so a suite scoring masks needs ``ground_truth: grounded-sam``.
     """
 
-    source: Literal["shapesworld", "coco", "daam"] = "shapesworld"
+    source: Literal["shapesworld", "coco", "daam", "prompts"] = "shapesworld"
     path: str | None = None
     n: int = Field(20, ge=1)
     seed: int = 0
@@ -67,6 +69,55 @@ class MetricSpec(_Strict):
     def label(self) -> str:
         """The id, else :func:`evalkit.labels.metric_label` (``miou-inf_tau0.4``), the one spelling."""
         return self.id or metric_label(self.name, self.params)
+
+
+#: Grounded-SAM's default models: hub ids, read from the Hugging Face cache (``hf download <id>`` once).
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
+DEFAULT_SEGMENTER = "facebook/sam-vit-huge"
+#: The keys only ``source: grounded-sam`` reads.
+GROUNDED_SAM_KEYS = ("detector", "segmenter", "sam_type", "box_threshold", "text_threshold", "keep", "cache")
+
+
+class GroundTruthSpec(_Strict):
+    """Where the masks a case is scored against come from (``ground_truth:``; a bare string is the source).
+
+    ``exact``: the data's exact masks (ShapesWorld); ``coco``: the masks of the data file (COCO / DAAM).
+    ``grounded-sam``: every evaluated word is detected in the case's *generated* image by Grounding DINO
+    (``detector``: hub id or ``save_pretrained`` folder) and segmented by SAM (``segmenter``: hub id or folder of
+    transformers' ``SamModel``, or a segment-anything ``.pth`` checkpoint with ``sam_type``, by default read from
+    its file name); masks are cached as COCO RLE in ``cache`` (default ``<cache dir>/grounded-sam``), keyed by
+    image hash, models and thresholds. ``cache`` is no part of any key: it changes where masks are kept, not what
+    they are.
+    """
+
+    source: Literal["exact", "coco", "grounded-sam"] = "exact"
+    detector: str = DEFAULT_DETECTOR
+    segmenter: str = DEFAULT_SEGMENTER
+    sam_type: str | None = None
+    box_threshold: float = Field(0.35, ge=0.0, le=1.0)
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    keep: Literal["all", "best"] = "all"
+    cache: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        """``ground_truth: coco`` is ``{source: coco}``."""
+        return {"source": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _only_grounded_sam_reads_models(self) -> GroundTruthSpec:
+        """A Grounded-SAM key under another source would be read by nothing: an error, not ignored."""
+        unread = [k for k in GROUNDED_SAM_KEYS if k in self.model_fields_set]
+        if self.source != "grounded-sam" and unread:
+            raise ValueError(f"ground_truth.{unread[0]} is read only by `source: grounded-sam` (source is "
+                             f"{self.source!r}); remove it or set ground_truth.source: grounded-sam")
+        return self
+
+    @property
+    def grounded_sam(self) -> bool:
+        """Whether masks come from Grounded-SAM on the generated image."""
+        return self.source == "grounded-sam"
 
 
 # -- protocol suites (evalkit.protocols) ---------------------------------------------------------
@@ -111,7 +162,9 @@ class SuiteSpec(_Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     seeds: list[int] | None = None
     data: DataSpec = Field(default_factory=DataSpec)
-    ground_truth: Literal["exact", "coco", "grounded-sam"] = "exact"
+    #: ``exact`` / ``coco``: the data's own masks; a mapping ``{source: grounded-sam, ...}``: Grounded-SAM masks of
+    #: the generated images (:class:`GroundTruthSpec`).
+    ground_truth: GroundTruthSpec = Field(default_factory=GroundTruthSpec)
     methods: list[MethodSpec]
     metrics: list[MetricSpec]
     expect: list[str] = Field(default_factory=list)
@@ -148,6 +201,19 @@ class SuiteSpec(_Strict):
         if dup:
             raise ValueError(f"variant ids must be unique, repeated: {dup}")
         return value
+
+    @model_validator(mode="after")
+    def _ground_truth_fits_data(self) -> SuiteSpec:
+        """An explicit ``exact``/``coco`` must name the masks the data source has (else nothing reads it)."""
+        source, data = self.ground_truth.source, self.data.source
+        if "ground_truth" not in self.model_fields_set or source == "grounded-sam":
+            return self
+        fits = {"exact": ("shapesworld",), "coco": ("coco", "daam")}[source]
+        if data not in fits:
+            has = {"shapesworld": "exact", "coco": "coco", "daam": "coco"}.get(data)
+            fix = f"use `ground_truth: {has}`" if has else "use `ground_truth: {source: grounded-sam, ...}`"
+            raise ValueError(f"ground_truth {source!r} names masks data.source {data!r} does not have; {fix}")
+        return self
 
     def row_labels(self) -> list[str]:
         """The row ids of results and claims: the variants' ids when there are variants, else the methods'."""

@@ -1,9 +1,16 @@
-"""Where the cross-attention (attn2) layers of a diffusers UNet sit, and what shape their maps have."""
+"""Where the cross-attention (attn2) layers of a diffusers UNet sit, and what shape their maps have.
+
+The same rule covers SD 1.x, SD 2.x and SDXL: every ``attn2`` of every transformer block counts, so SDXL's
+attentions with several transformer layers (``transformer_layers_per_block`` 2 and 10 in SDXL base) give one
+layer per transformer block, numbered in forward order within down / mid / up (SDXL base: 24 + 10 + 36 = 70
+layers, 1300 heads; SD 1.x: 7 + 1 + 9 = 16 layers, 128 heads), which is how the published HRVs name heads.
+"""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -82,3 +89,23 @@ def find_cross_attention_layers(unet: nn.Module) -> list[tuple[LayerInfo, nn.Mod
             "evalkit traces diffusers UNet2DConditionModel pipelines only"
         )
     return layers
+
+
+def unet_head_names(config: Mapping) -> list[str]:
+    """Head names (HRV convention) of the UNet a ``UNet2DConditionModel`` config describes, built on the meta
+    device: no weights are allocated or read, so a full-size SDXL config costs well under a second."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(config))
+    return [n for info, _ in find_cross_attention_layers(unet) for n in info.head_names()]
+
+
+def model_head_names(model: str) -> list[str] | None:
+    """Head names of ``model``'s UNet (built-in name, local folder or cached hub id) from its config alone;
+    None when the config is not available offline (a hub id not in the cache)."""
+    from ..models import unet_config
+
+    config = unet_config(model)
+    return None if config is None else unet_head_names(config)

@@ -2,6 +2,12 @@
 
 Token positions are indices into the text encoder's sequence, so position 0 is the start token
 and the first prompt piece sits at position 1 (the "start token offset").
+
+SDXL encodes the prompt twice (``tokenizer``/``text_encoder`` and ``tokenizer_2``/``text_encoder_2``) and
+concatenates the two states per position, so a cross-attention key k mixes both encoders' token k. The first
+tokenizer defines the positions. Both use the same CLIP BPE, so the prompt's ids, and the words' positions,
+are identical; they differ only in padding (the first pads with the end token, the second with "!", id 0),
+which lies after the end token. :func:`check_same_positions` verifies this for a pipeline's second tokenizer.
 """
 
 from __future__ import annotations
@@ -85,6 +91,19 @@ class PromptTokens:
         return out
 
 
+
+
+def check_same_positions(tokenizer_2, tokens: PromptTokens) -> None:
+    """A second tokenizer (SDXL's ``tokenizer_2``) splits the prompt into the same ids as the first, so word
+    positions hold for both encoders' halves of each key; a custom pipeline whose vocabularies differ raises."""
+    ids = list(tokenizer_2(tokens.prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"])
+    if len(ids) > tokens.max_length:  # cut the way the first tokenizer's ids were (truncate=True)
+        ids = ids[: tokens.max_length - 1] + [ids[-1]]
+    if ids != list(tokens.ids):
+        raise ValueError(
+            f"the pipeline's second tokenizer splits {tokens.prompt!r} into other tokens than the first "
+            f"({len(ids)} vs {tokens.n_tokens} ids): word positions would differ between the two text encoders"
+        )
 
 
 def _group_words(tokenizer, ids: list[int]) -> list[Word]:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .layers import LayerInfo, find_cross_attention_layers
 from .processor import STAT_DOCS, LayerEdit, LayerRecorder, TracingAttnProcessor
-from .tokens import PromptTokens, tokenize_prompt
+from .tokens import PromptTokens, check_same_positions, tokenize_prompt
 
 
 @dataclass
@@ -221,8 +221,10 @@ def generate(
 ) -> Generation:
     """Generate one image per prompt (batched in one pipeline call) and trace it.
 
-    Each item gets its own ``torch.Generator`` seeded with its seed, so an item's initial noise
-    does not depend on its batch neighbours. Prompts longer than the context raise (see
+    Each item gets its own CPU ``torch.Generator`` seeded with its seed (on any device), so an item's initial
+    noise does not depend on its batch neighbours or on the device. Works for SD 1.x/2.x and SDXL pipelines
+    (SDXL's pooled embedding and time ids are the pipeline's own; token positions come from
+    ``pipe.tokenizer``). Prompts longer than the context raise (see
     :func:`evalkit.trace.tokens.tokenize_prompt`). ``interventions`` (see
     :mod:`evalkit.interventions`) rewrite the prompt and/or edit attn2 layers; edits that depend
     on token positions must agree across the batch.
@@ -237,6 +239,9 @@ def generate(
     if unknown:
         raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(STAT_DOCS)}")
     tokens = [tokenize_prompt(pipe.tokenizer, p, truncate=truncate) for p in prompts]
+    if getattr(pipe, "tokenizer_2", None) is not None:  # SDXL: the first tokenizer's positions hold for both
+        for tok in tokens:
+            check_same_positions(pipe.tokenizer_2, tok)
     layer_infos = [info for info, _ in find_cross_attention_layers(pipe.unet)]
     edits = _edits_for(interventions, layer_infos, tokens)
     scale = int(getattr(pipe, "vae_scale_factor", 8))
