@@ -37,7 +37,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evalkit.methods import HeadRelevance, available_methods, create_method, hrv_for_model  # noqa: E402
+from evalkit.methods import (  # noqa: E402
+    HeadRelevance,
+    available_methods,
+    create_method,
+    get_method_class,
+    hrv_for_model,
+)
 from evalkit.models import load, model_family, resolve_dtype  # noqa: E402
 from evalkit.models.families import FAMILIES, random_pipeline, reference_configs  # noqa: E402
 from evalkit.trace import generate, model_head_names  # noqa: E402
@@ -107,7 +113,7 @@ def _trace_and_attribute(pipe, heads: list[str], hrv: str | None, size: int, ste
                  generator=torch.Generator(device="cpu").manual_seed(SEED), output_type="pil").images[0]
     out["untraced_s"] = round(time.perf_counter() - t0, 2)
     methods = [create_method(name, **({"hrv": _hrv(hrv, heads)} if name == "hrv-selective" else {}))
-               for name in available_methods()]
+               for name in available_methods() if get_method_class(name).__module__.startswith("evalkit.")]
     stats = set().union(*(m.needs for m in methods))
     t0 = time.perf_counter()
     gen = generate(pipe, PROMPT, seeds=SEED, steps=steps, guidance=7.5, height=size, width=size, stats=stats)

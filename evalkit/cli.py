@@ -351,13 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     internal error, with the traceback in a log file)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_plugins = os.environ.get("EVALKIT_PLUGINS")
     try:
         for module in _split(args.plugins):
             try:
                 importlib.import_module(module)
             except ImportError as err:
                 raise ValueError(f"--plugins: cannot import {module!r} ({err}); is it on PYTHONPATH?") from err
-        if args.plugins:  # executors that start other processes (Ray actors) import them there too
+        if args.plugins:  # executors that start other processes (Ray actors) import them there too;
+            # scoped to this invocation, so an in-process caller's later runs do not inherit it
             os.environ["EVALKIT_PLUGINS"] = ",".join(_split(args.plugins))
         return int(args.func(args) or 0)
     except INPUT_ERRORS as err:
@@ -375,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log = _write_traceback(args)
         print(f"evalkit: internal error: {type(err).__name__}: {err} (traceback in {log})", file=sys.stderr)
         return 3
+    finally:
+        if previous_plugins is None:
+            os.environ.pop("EVALKIT_PLUGINS", None)
+        else:
+            os.environ["EVALKIT_PLUGINS"] = previous_plugins
 
 
 def _write_traceback(args: argparse.Namespace) -> Path:
