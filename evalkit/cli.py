@@ -114,7 +114,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from . import preflight
     from .methods import get_method_class
     from .models import load
-    from .trace import generate, tokenize_prompt
+    from .trace import generate, pipeline_tokenizer, tokenize_prompt
 
     explicit = args.methods is not None
     method_names = _split(args.methods) if explicit else list(DEFAULT_METHODS)
@@ -151,7 +151,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     methods = [preflight.build("method", name, params[name], f"--param {given[name]}" if given[name]
                                else f"--methods {name}") for name in method_names]
     pipe = load(args.model, scheduler=args.scheduler, dtype=args.dtype, device=args.device)
-    tokens = tokenize_prompt(pipe.tokenizer, args.prompt, truncate=args.truncate)
+    tokens = tokenize_prompt(pipeline_tokenizer(pipe), args.prompt, truncate=args.truncate)
     words = _split(args.words) or list(dict.fromkeys(w.text for w in tokens.words if w.text.isalnum()))
     for w in words:
         tokens.positions(w)  # a word not in the prompt fails before generating

@@ -13,7 +13,10 @@ from .registry import register_method
 
 def daam_layers(layer: LayerInfo, latent_hw: tuple[int, int]) -> bool:
     """DAAM's layer rule: attn2 of down and up blocks (no mid block), without maps whose side is
-    1/8 of the latent side."""
+    1/8 of the latent side. On an MM-DiT (places ``joint``, ``double``, ``single``) every layer runs on the
+    same patch grid and none is a bottleneck, so every joint-attention layer counts."""
+    if layer.place in ("joint", "double", "single"):
+        return True
     return layer.place in ("down", "up") and layer.downsample != 8
 
 

@@ -33,12 +33,14 @@ class LayerRecorder:
     (its version counter), and the same value edit; anything else starts a new segment, so the
     result equals per-step accumulation (up to float rounding) in every case."""
 
-    def __init__(self, stats: frozenset[str], cond_rows: slice | None = None) -> None:
+    def __init__(self, stats: frozenset[str], cond_rows: slice | None = None,
+                 out_weight: torch.Tensor | None = None) -> None:
         unknown = set(stats) - set(STAT_DOCS)
         if unknown:
             raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(STAT_DOCS)}")
         self.stats = stats
         self.cond_rows = cond_rows
+        self.out_weight = out_weight  # the output projection of the values (default: attn.to_out[0].weight)
         self._sums: dict[str, torch.Tensor] = {}
         self.steps: dict[str, list[torch.Tensor]] = {}
         self.n_calls = 0
@@ -125,7 +127,7 @@ class LayerRecorder:
         if self.factor:
             if value_key is None or value_key != self._value_key or self._norms is None:
                 self._flush()  # the values changed: a new segment with new norms
-                self._norms = self.value_norms(attn, value)
+                self._norms = self.value_norms(attn, value, self.out_weight)
                 self._value_key = value_key
             norms = self._norms
             self._seg_add("attn", probs)
@@ -138,7 +140,7 @@ class LayerRecorder:
         elif "attn" in self.stats:
             self._seg_add("attn", probs)
         if "norm_steps" in self.stats:
-            norms = norms if norms is not None else self.value_norms(attn, value)
+            norms = norms if norms is not None else self.value_norms(attn, value, self.out_weight)
             self.steps.setdefault("norm_steps", []).append((probs * norms[:, :, None, :]).mean(dim=1))
 
     def _seg_add(self, name: str, x: torch.Tensor) -> None:
@@ -149,13 +151,14 @@ class LayerRecorder:
             acc.add_(x)
 
     @staticmethod
-    def value_norms(attn, value: torch.Tensor) -> torch.Tensor:
+    def value_norms(attn, value: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """||v[b, h, k] W_O^(h)||_2 per (batch, head, token); ``value`` is (B, H, K, d).
 
-        W_O^(h) is the head's column slice of the output projection (bias excluded: it does not
-        depend on the token). Never materializes a (Q x K x d) tensor: ||A v W|| = A ||v W||.
+        W_O^(h) is the head's column slice of the output projection ``weight`` (default ``attn.to_out[0]``;
+        bias excluded: it does not depend on the token). Never materializes a (Q x K x d) tensor:
+        ||A v W|| = A ||v W||.
         """
-        weight = attn.to_out[0].weight.float()  # (C_out, H * d)
+        weight = (attn.to_out[0].weight if weight is None else weight).float()  # (C_out, H * d)
         b, h, k, d = value.shape
         w = weight.view(weight.shape[0], h, d)  # (C_out, H, d)
         projected = torch.einsum("bhkd,ohd->bhko", value.float(), w)

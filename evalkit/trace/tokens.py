@@ -106,8 +106,40 @@ def check_same_positions(tokenizer_2, tokens: PromptTokens) -> None:
         )
 
 
+SP_SPACE = "\u2581"  # SentencePiece's word-start mark (T5)
+
+
+def is_sentencepiece(tokenizer) -> bool:
+    """True for SentencePiece-style tokenizers (T5): pieces start a word with "\u2581", there is no start
+    token, and the prompt's pieces sit at positions 0, 1, ... (the end token ``</s>`` last)."""
+    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(ids) and tokenizer.convert_ids_to_tokens(ids[:1])[0].startswith(SP_SPACE)
+
+
+def _group_sentencepiece_words(tokenizer, ids: list[int]) -> list[Word]:
+    """Group SentencePiece pieces into words, each starting at a "\u2581" piece; the end token is dropped."""
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    end = len(ids) - 1 if ids and ids[-1] == tokenizer.eos_token_id else len(ids)
+    words: list[Word] = []
+    current: list[int] = []
+    text = ""
+    for pos in range(end):
+        piece = pieces[pos]
+        if piece.startswith(SP_SPACE) and current:
+            words.append(Word(text=text.lower(), positions=tuple(current)))
+            current, text = [], ""
+        current.append(pos)
+        text += piece.lstrip(SP_SPACE)
+    if current:
+        words.append(Word(text=text.lower(), positions=tuple(current)))
+    return [w for w in words if w.text]  # a lone "\u2581" before punctuation is no word
+
+
 def _group_words(tokenizer, ids: list[int]) -> list[Word]:
-    """Group BPE pieces (between start and end token) into words ending at a ``</w>`` piece."""
+    """Group BPE pieces (between start and end token) into words ending at a ``</w>`` piece (CLIP), or
+    SentencePiece pieces into words starting at a "\u2581" piece (T5)."""
+    if is_sentencepiece(tokenizer):
+        return _group_sentencepiece_words(tokenizer, ids)
     pieces = tokenizer.convert_ids_to_tokens(ids)
     words: list[Word] = []
     current: list[int] = []
@@ -126,13 +158,20 @@ def _group_words(tokenizer, ids: list[int]) -> list[Word]:
     return words
 
 
-def tokenize_prompt(tokenizer, prompt: str, truncate: bool = False) -> PromptTokens:
-    """Tokenize ``prompt`` with a CLIP BPE tokenizer and group pieces into words.
+def tokenize_prompt(tokenizer, prompt: str, truncate: bool = False) -> PromptTokens | JointTokens:
+    """Tokenize ``prompt`` with a CLIP BPE or T5 SentencePiece tokenizer and group pieces into words
+    (a :class:`JointTokenizer` gives :class:`JointTokens`).
 
     A prompt longer than the context raises :class:`PromptTooLongError`, or with
     ``truncate=True`` warns and keeps the first tokens, as the pipeline would.
     """
-    max_length = int(getattr(tokenizer, "model_max_length", 77))
+    if isinstance(tokenizer, JointTokenizer):
+        return tokenizer.tokenize(prompt, truncate=truncate)
+    return _tokenize(tokenizer, prompt, truncate, int(getattr(tokenizer, "model_max_length", 77)))
+
+
+def _tokenize(tokenizer, prompt: str, truncate: bool, max_length: int) -> PromptTokens:
+    """:func:`tokenize_prompt` for a context of ``max_length`` tokens."""
     if max_length > 10_000:
         raise ValueError(
             "the tokenizer has no model_max_length (it is unbounded): build it with model_max_length=77"
@@ -162,3 +201,76 @@ def _decode(tokenizer, text: str) -> str:
         return bytearray(decoder[c] for c in text).decode("utf-8", errors="replace").lower()
     except KeyError:
         return text.lower()
+
+
+@dataclass(frozen=True)
+class JointTokens:
+    """A prompt as an MM-DiT model's text keys hold it: one or more tokenizers' sequences laid end to end.
+
+    SD3's text keys are CLIP's 77 positions (CLIP-L and CLIP-G states side by side per position) followed by
+    T5's ``max_sequence_length`` positions; Flux's are T5's alone. ``parts[i]`` is ``(name, tokens, offset)``:
+    key ``offset + p`` holds that tokenizer's position ``p``. A word's positions are its positions in every
+    part (a word attends through both its CLIP and its T5 tokens), and a word one of the tokenizers does not
+    find is an error that names that tokenizer. ``words`` and ``pieces`` are the first part's.
+    """
+
+    prompt: str
+    parts: tuple[tuple[str, PromptTokens, int], ...]
+    max_length: int  # the number of text keys
+
+    @property
+    def primary(self) -> PromptTokens:
+        """The first tokenizer's tokens (defines ``words``, ``pieces`` and ``n_tokens``)."""
+        return self.parts[0][1]
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """Every part's ids, end to end (what a stored trace is checked against)."""
+        return tuple(i for _, tok, _ in self.parts for i in tok.ids)
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        return self.primary.pieces
+
+    @property
+    def words(self) -> tuple[Word, ...]:
+        return self.primary.words
+
+    @property
+    def n_tokens(self) -> int:
+        return self.primary.n_tokens
+
+    def positions(self, word: str, occurrence: int | None = None) -> list[int]:
+        """Key positions of ``word`` in every part (see :meth:`PromptTokens.positions`)."""
+        out: list[int] = []
+        for name, tok, offset in self.parts:
+            try:
+                out.extend(offset + p for p in tok.positions(word, occurrence))
+            except WordNotFoundError as err:
+                raise WordNotFoundError(f"{name}: {err}") from None
+        return out
+
+
+@dataclass(frozen=True)
+class JointTokenizer:
+    """The tokenizers whose sequences make up an MM-DiT pipeline's text keys, with their key counts, in key
+    order: ``parts[i] = (name, tokenizer, n_keys)``. :func:`tokenize_prompt` accepts it like one tokenizer."""
+
+    parts: tuple[tuple[str, Any, int], ...]
+
+    @property
+    def n_keys(self) -> int:
+        """The number of text keys (the sum of the parts' lengths)."""
+        return sum(n for _, _, n in self.parts)
+
+    def tokenize(self, prompt: str, truncate: bool = False) -> JointTokens:
+        """Tokenize ``prompt`` with every part; a prompt too long for one of them raises (or, with
+        ``truncate``, is cut there as the pipeline cuts it)."""
+        parts, offset = [], 0
+        for name, tokenizer, n in self.parts:
+            try:
+                parts.append((name, _tokenize(tokenizer, prompt, truncate, n), offset))
+            except PromptTooLongError as err:
+                raise PromptTooLongError(f"{name}: {err}") from None
+            offset += n
+        return JointTokens(prompt, tuple(parts), offset)

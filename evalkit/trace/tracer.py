@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .joint import READINGS, JointTracingProcessor, find_joint_attention_layers, is_mmdit, pipeline_tokenizer, t5_length
 from .layers import LayerInfo, find_cross_attention_layers
 from .processor import STAT_DOCS, LayerEdit, LayerRecorder, TracingAttnProcessor
-from .tokens import PromptTokens, check_same_positions, tokenize_prompt
+from .tokens import JointTokens, PromptTokens, check_same_positions, tokenize_prompt
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Trace:
     """
 
     prompt: str
-    tokens: PromptTokens
+    tokens: PromptTokens | JointTokens
     layers: list[LayerInfo]
     stats: dict[str, list[torch.Tensor]]
     n_steps: int
@@ -121,10 +122,12 @@ class Trace:
 
 
 class Tracer:
-    """Context manager that records attn2 statistics of a UNet while a pipeline runs.
+    """Context manager that records cross-attention statistics of a denoiser while a pipeline runs: the attn2
+    layers of a UNet, or the image-query x text-key block of an MM-DiT's joint attention (SD3, Flux; see
+    :mod:`evalkit.trace.joint`, ``reading`` picks how that block is read).
 
-    ``n_cond`` is the number of conditional rows per UNet call; with classifier-free guidance the
-    UNet batch is ``[unconditional; conditional]`` and only the last ``n_cond`` rows are recorded.
+    ``n_cond`` is the number of conditional rows per denoiser call; with classifier-free guidance the
+    batch is ``[unconditional; conditional]`` and only the last ``n_cond`` rows are recorded.
     """
 
     def __init__(
@@ -136,24 +139,42 @@ class Tracer:
         cfg: bool,
         edits: dict[str, LayerEdit] | None = None,
         observers: dict[str, object] | None = None,
+        reading: str = "joint",
     ) -> None:
         self.unet = unet
         self.observers = dict(observers or {})
         self.stats = frozenset(stats)
         self.n_cond = n_cond
         self.cfg = cfg
-        self.layers = find_cross_attention_layers(unet)
+        self.reading = reading
+        self.joint = is_mmdit(unet)
+        self._joint_layers = find_joint_attention_layers(unet) if self.joint else []
+        self.layers = ([(info, module) for info, module, _, _ in self._joint_layers] if self.joint
+                       else find_cross_attention_layers(unet))
         self.edits = dict(edits or {})
+        if self.joint and self.edits:
+            raise ValueError("attention edits (head removal, steering, reweighting) act on UNet cross-attention "
+                             f"layers; {type(unet).__name__} is traced read-only: run this intervention on a "
+                             "UNet model")
         unknown = set(self.edits) - {info.name for info, _ in self.layers}
         if unknown:
             raise ValueError(f"edits name layers the UNet does not have: {sorted(unknown)[:3]}")
         self.recorders: list[LayerRecorder] = []
         self._originals: list[tuple[torch.nn.Module, object]] = []
+        self._hooks: list = []
+        self._text_len: int | None = None
 
     def __enter__(self) -> Tracer:
         rows = slice(self.n_cond, 2 * self.n_cond) if self.cfg else slice(0, self.n_cond)
         self.recorders = []
         self._originals = []
+        if self.joint:
+            try:
+                self._enter_joint(rows)
+            except BaseException:
+                self._restore()
+                raise
+            return self
         try:
             for info, module in self.layers:
                 edit = self.edits.get(info.name)
@@ -173,10 +194,36 @@ class Tracer:
     def __exit__(self, *exc) -> None:
         self._restore()
 
+    def _enter_joint(self, rows: slice) -> None:
+        """Wrap every joint-attention processor; a pre-hook notes the text length (Flux single blocks see one
+        sequence, text first)."""
+
+        def note_text_len(_module, args, kwargs) -> None:
+            ehs = kwargs.get("encoder_hidden_states")
+            self._text_len = None if ehs is None else int(ehs.shape[1])
+
+        self._hooks.append(self.unet.register_forward_pre_hook(note_text_len, with_kwargs=True))
+        for info, module, kind, block in self._joint_layers:
+            observer = self.observers.get(info.name)
+            if not self.stats and observer is None:
+                continue
+            out_weight = None
+            if kind == "flux-single":  # the attention output's columns of proj_out
+                out_weight = block.proj_out.weight[:, : module.heads * module.head_dim]
+            recorder = LayerRecorder(self.stats, None, out_weight) if self.stats else None
+            self._originals.append((module, module.processor))
+            module.set_processor(JointTracingProcessor(module.processor, kind, recorder, rows, self.reading,
+                                                       lambda: self._text_len, observer))
+            if recorder is not None:
+                self.recorders.append(recorder)
+
     def _restore(self) -> None:
         for module, processor in reversed(self._originals):
             module.set_processor(processor)
         self._originals = []
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def n_steps(self) -> int:
         """Number of UNet calls seen (denoising steps); equal across layers."""
@@ -218,13 +265,15 @@ def generate(
     stats: Iterable[str] = ("attn",),
     truncate: bool = False,
     interventions: Sequence = (),
+    reading: str = "joint",
 ) -> Generation:
     """Generate one image per prompt (batched in one pipeline call) and trace it.
 
     Each item gets its own CPU ``torch.Generator`` seeded with its seed (on any device), so an item's initial
     noise does not depend on its batch neighbours or on the device. Works for SD 1.x/2.x and SDXL pipelines
     (SDXL's pooled embedding and time ids are the pipeline's own; token positions come from
-    ``pipe.tokenizer``). Prompts longer than the context raise (see
+    ``pipe.tokenizer``) and for SD3 and Flux (joint attention, read as ``reading``; text keys CLIP + T5 or T5,
+    see :mod:`evalkit.trace.joint`). Prompts longer than the context raise (see
     :func:`evalkit.trace.tokens.tokenize_prompt`). ``interventions`` (see
     :mod:`evalkit.interventions`) rewrite the prompt and/or edit attn2 layers; edits that depend
     on token positions must agree across the batch.
@@ -238,22 +287,28 @@ def generate(
     unknown = set(stats) - set(STAT_DOCS)
     if unknown:
         raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(STAT_DOCS)}")
-    tokens = [tokenize_prompt(pipe.tokenizer, p, truncate=truncate) for p in prompts]
-    if getattr(pipe, "tokenizer_2", None) is not None:  # SDXL: the first tokenizer's positions hold for both
+    if reading not in READINGS:
+        raise ValueError(f"unknown joint-attention reading {reading!r}; choose one of {list(READINGS)}")
+    denoiser = denoiser_of(pipe)
+    joint = is_mmdit(denoiser)
+    tokens = [tokenize_prompt(pipeline_tokenizer(pipe), p, truncate=truncate) for p in prompts]
+    if not joint and getattr(pipe, "tokenizer_2", None) is not None:  # SDXL: the first tokenizer's positions
         for tok in tokens:
             check_same_positions(pipe.tokenizer_2, tok)
-    layer_infos = [info for info, _ in find_cross_attention_layers(pipe.unet)]
+    layer_infos = ([info for info, *_ in find_joint_attention_layers(denoiser)] if joint
+                   else [info for info, _ in find_cross_attention_layers(denoiser)])
     edits = _edits_for(interventions, layer_infos, tokens)
     scale = int(getattr(pipe, "vae_scale_factor", 8))
-    sample = pipe.unet.config.sample_size
-    sample_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
-    height = int(height or sample_hw[0] * scale)
-    width = int(width or sample_hw[1] * scale)
-    if height % scale or width % scale:
-        raise ValueError(f"height and width must be multiples of {scale}, got {height}x{width}")
-    cfg = guidance > 1.0 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    sample_hw = default_image_hw(pipe)
+    height = int(height or sample_hw[0])
+    width = int(width or sample_hw[1])
+    multiple = scale * (2 if joint else 1)  # MM-DiT latents are patchified 2x2
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}")
+    cfg = _uses_cfg(pipe, denoiser, guidance)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed_list]
-    with Tracer(pipe.unet, stats, n_cond=len(prompts), cfg=cfg, edits=edits) as tracer:
+    extra = {"max_sequence_length": t5_length(pipe)} if joint else {}
+    with Tracer(denoiser, stats, n_cond=len(prompts), cfg=cfg, edits=edits, reading=reading) as tracer:
         out = pipe(
             prompt=prompts,
             num_inference_steps=steps,
@@ -262,11 +317,14 @@ def generate(
             width=width,
             generator=generators if len(generators) > 1 else generators[0],
             output_type="pil",
+            **extra,
         )
     latent_hw = (height // scale, width // scale)
     settings = {"steps": steps, "guidance": guidance, "height": height, "width": width,
                 "scheduler": type(pipe.scheduler).__name__,
                 "interventions": [iv.describe() for iv in interventions]}
+    if joint:
+        settings["reading"] = reading
     traces = [
         Trace(
             prompt=p,
@@ -282,6 +340,39 @@ def generate(
         for i, (p, tok) in enumerate(zip(prompts, tokens))
     ]
     return Generation(images=list(out.images), traces=traces)
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The network a pipeline denoises with: ``pipe.unet`` (SD 1.x/2.x, SDXL) or ``pipe.transformer``
+    (SD3, Flux)."""
+    denoiser = getattr(pipe, "unet", None)
+    if denoiser is None:
+        denoiser = getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a UNet nor a transformer: evalkit traces "
+                         "StableDiffusion(XL), StableDiffusion3 and Flux pipelines")
+    return denoiser
+
+
+def default_image_hw(pipe) -> tuple[int, int]:
+    """The image size a pipeline generates by default: the UNet's or SD3 transformer's ``sample_size`` times
+    the VAE factor; Flux's transformer has none, so its VAE's ``sample_size`` (FLUX.1: 1024)."""
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    denoiser = denoiser_of(pipe)
+    sample = getattr(denoiser.config, "sample_size", None)
+    if sample is None:
+        side = int(pipe.vae.config.sample_size)
+        return side, side
+    return (sample * scale, sample * scale) if isinstance(sample, int) else (sample[0] * scale, sample[1] * scale)
+
+
+def _uses_cfg(pipe, denoiser, guidance: float) -> bool:
+    """Whether the pipeline batches ``[unconditional; conditional]`` rows: SD pipelines with guidance > 1
+    (unless guidance-distilled, ``time_cond_proj_dim``); Flux never does (its guidance is an embedding, and
+    true CFG is a second call that evalkit does not request)."""
+    if type(denoiser).__name__ == "FluxTransformer2DModel":
+        return False
+    return guidance > 1.0 and getattr(denoiser.config, "time_cond_proj_dim", None) is None
 
 
 def _edits_for(interventions: Sequence, layers: list[LayerInfo], tokens: list[PromptTokens]) -> dict[str, LayerEdit]:

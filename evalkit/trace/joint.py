@@ -1,0 +1,248 @@
+"""Tracing the joint attention of multimodal diffusion transformers (SD3, Flux).
+
+In an MM-DiT block image and text tokens attend jointly: one softmax over the concatenated image and text
+keys. The analogue of a UNet's cross-attention map is the *image-query x text-key* block of that joint
+attention. :class:`JointTracingProcessor` wraps the model's own processor, which still computes the layer's
+output (so images are bit-identical with and without tracing), and recomputes that block on the side from the
+layer's own projections: q/k normalization, and Flux's rotary embedding on the joint sequence.
+
+Two readings of the block (``reading``):
+
+- ``"joint"`` (default): the joint probabilities of the text keys as the model computed them,
+  ``A[h, q, k] = softmax_j(q_h . k_h,j / sqrt(d))`` over all image and text keys j, kept for text keys k.
+  Rows sum to the share of attention text receives, not to 1.
+- ``"text"``: the same scores renormalized over the text keys alone, ``softmax_k`` over text keys only,
+  so every row sums to 1 as in a UNet's cross-attention.
+
+Layers and the block kinds (names are the HRV-style head names ``"<place>, layer: <i>, head: <h>"``):
+
+- SD3 (``SD3Transformer2DModel``, ``JointAttnProcessor2_0``): ``transformer_blocks.<i>.attn``, place
+  ``joint``; image tokens first, text projected by ``add_k_proj``/``add_v_proj``, image output through
+  ``to_out[0]``.
+- Flux (``FluxTransformer2DModel``, ``FluxAttnProcessor``): double-stream ``transformer_blocks.<i>.attn``
+  (place ``double``; text first, projected by ``add_*_proj``, image output through ``to_out[0]``) and
+  single-stream ``single_transformer_blocks.<i>.attn`` (place ``single``; one sequence, text first, output
+  through the attention columns of the block's ``proj_out``).
+
+Per-head value norms (the ``norm`` statistics, paper 000 Eq. 6): ``||v[h, k] W_O^h||`` with ``v`` the text
+token's value and ``W_O^h`` the head's columns of the projection the image output goes through (``to_out[0]``
+in joint/double blocks, ``proj_out[:, :inner]`` in single blocks); the adaLN gate that follows is per channel
+and the same for every token, and is left out, as a UNet's later layers are. Only the conditional rows of
+classifier-free guidance are recorded; queries are processed in chunks so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .layers import LayerInfo
+from .processor import LayerRecorder
+from .tokens import JointTokenizer
+
+#: Readings of the image-query x text-key block.
+READINGS = ("joint", "text")
+#: Image queries per chunk when recomputing joint probabilities (bounds memory at 1024 px).
+QUERY_CHUNK = 1024
+
+_SD3_RE = re.compile(r"^transformer_blocks\.(?P<i>\d+)\.attn$")
+_FLUX_RE = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<i>\d+)\.attn$")
+
+
+def is_mmdit(denoiser: nn.Module) -> bool:
+    """True for the multimodal diffusion transformers evalkit traces (SD3, Flux)."""
+    return type(denoiser).__name__ in ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def find_joint_attention_layers(transformer: nn.Module) -> list[tuple[LayerInfo, nn.Module, str, nn.Module]]:
+    """All joint-attention modules of an SD3 or Flux transformer in forward order, as
+    ``(info, attention module, kind, block)`` with kind ``sd3`` / ``flux-double`` / ``flux-single``."""
+    cls = type(transformer).__name__
+    blocks = dict(transformer.named_modules())
+    out: list[tuple[LayerInfo, nn.Module, str, nn.Module]] = []
+    if cls == "SD3Transformer2DModel":
+        patch = int(transformer.config.patch_size)
+        for name, module in transformer.named_modules():
+            m = _SD3_RE.match(name)
+            if m:
+                info = LayerInfo(name=name, place="joint", block=int(m["i"]), index=int(m["i"]),
+                                 heads=int(module.heads), downsample=patch)
+                out.append((info, module, "sd3", blocks[name.rsplit(".", 1)[0]]))
+    elif cls == "FluxTransformer2DModel":
+        # Flux packs 2x2 latent patches into one token (patch_size 1 on the packed latent)
+        down = 2 * int(transformer.config.patch_size)
+        found = {"double": [], "single": []}
+        for name, module in transformer.named_modules():
+            m = _FLUX_RE.match(name)
+            if m:
+                place = "double" if m["kind"] == "transformer_blocks" else "single"
+                info = LayerInfo(name=name, place=place, block=int(m["i"]), index=int(m["i"]),
+                                 heads=int(module.heads), downsample=down)
+                found[place].append((info, module, f"flux-{place}", blocks[name.rsplit(".", 1)[0]]))
+        out = found["double"] + found["single"]
+    if not out:
+        raise ValueError(f"{cls} has no joint-attention modules evalkit knows: it traces SD3Transformer2DModel "
+                         "(transformer_blocks.*.attn) and FluxTransformer2DModel (transformer_blocks.*.attn, "
+                         "single_transformer_blocks.*.attn)")
+    return out
+
+
+def pipeline_tokenizer(pipe) -> object:
+    """What defines a pipeline's text-key positions: ``pipe.tokenizer`` for UNet pipelines, a
+    :class:`JointTokenizer` for SD3 (CLIP 77 + T5) and Flux (T5)."""
+    denoiser = getattr(pipe, "transformer", None)
+    if denoiser is None or not is_mmdit(denoiser):
+        return pipe.tokenizer
+    if type(denoiser).__name__ == "SD3Transformer2DModel":
+        clip = int(pipe.tokenizer.model_max_length)
+        return JointTokenizer((("clip", pipe.tokenizer, clip), ("t5", pipe.tokenizer_3, t5_length(pipe))))
+    return JointTokenizer((("t5", pipe.tokenizer_2, t5_length(pipe)),))
+
+
+def t5_length(pipe) -> int:
+    """The T5 sequence length evalkit generates with: the pipeline's default ``max_sequence_length`` (SD3 256,
+    Flux 512), or the T5 tokenizer's ``model_max_length`` when that is shorter (a small built-in)."""
+    default = 256 if type(pipe.transformer).__name__ == "SD3Transformer2DModel" else 512
+    tok = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
+    limit = int(getattr(tok, "model_max_length", default) or default)
+    return min(default, limit)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*d) -> (B, H, N, d)."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _rope(x: torch.Tensor, emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Flux's rotary embedding on (B, H, S, d) with ``emb = (cos, sin)`` of shape (S, d): adjacent channel
+    pairs (x0, x1) rotate to (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    cos, sin = (t[None, None].float() for t in emb)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x.float() * cos + rotated * sin
+
+
+def _proj(attn: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
+    """One of q/k/v of ``x`` through the image-stream (``to_*``) projections, also when they are fused."""
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+        return attn.to_qkv(x).chunk(3, dim=-1)["qkv".index(which)]
+    return getattr(attn, f"to_{which}")(x)
+
+
+def _added_proj(attn: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
+    """One of q/k/v of the text stream ``x`` (``add_*_proj``), also when fused."""
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+        return attn.to_added_qkv(x).chunk(3, dim=-1)["qkv".index(which)]
+    return getattr(attn, f"add_{which}_proj")(x)
+
+
+def _norm(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if module is None else module(x)
+
+
+def joint_qkv(attn: nn.Module, kind: str, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+              rotary: tuple[torch.Tensor, torch.Tensor] | None, text_len: int | None):
+    """Image queries ``(B, H, N_img, d)``, all keys ``(B, H, S, d)``, text values ``(B, H, T, d)`` and the text
+    keys' slice of ``S``, recomputed from the layer's own projections in the processor's order."""
+    heads = attn.heads
+    if kind == "sd3":
+        q = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
+        k = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
+        ek = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
+        ev = _heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
+        n_img = q.shape[2]
+        return q, torch.cat([k, ek], dim=2), ev, slice(n_img, n_img + ek.shape[2])
+    # Flux: norms act on (B, N, H, d) in the processor; they normalize the last dim, so (B, H, N, d) is the same
+    if kind == "flux-double":
+        q = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
+        k = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
+        ek = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
+        ev = _heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
+        t = ek.shape[2]
+        keys = torch.cat([ek, k], dim=2)
+    else:  # flux-single: one sequence, text first
+        t = int(text_len)
+        q = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
+        keys = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
+        ev = _heads(_proj(attn, hidden_states, "v"), heads)[:, :, :t]
+        q = q[:, :, t:]
+    if rotary is not None:
+        cos, sin = rotary
+        q = _rope(q, (cos[t:], sin[t:]))
+        keys = _rope(keys, (cos, sin))
+    return q, keys, ev, slice(0, t)
+
+
+def text_probabilities(q: torch.Tensor, keys: torch.Tensor, text: slice, scale: float, reading: str,
+                       chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """``(B, H, N_img, T)`` attention of image queries on the text keys in one of the :data:`READINGS`,
+    computed in float32 over chunks of ``chunk`` queries."""
+    if reading not in READINGS:
+        raise ValueError(f"unknown joint-attention reading {reading!r}; choose one of {list(READINGS)}")
+    q, keys = q.float(), keys.float()
+    out = []
+    for start in range(0, q.shape[2], chunk):
+        scores = torch.matmul(q[:, :, start:start + chunk], keys.transpose(-1, -2)) * scale
+        if reading == "joint":
+            out.append(scores.softmax(dim=-1)[..., text])
+        else:
+            out.append(scores[..., text].softmax(dim=-1))
+    return torch.cat(out, dim=2)
+
+
+class JointTracingProcessor:
+    """Wraps an MM-DiT layer's own processor: the output is the original processor's, unchanged; the
+    image-query x text-key probabilities of the conditional rows go to ``recorder`` (and to ``observer``,
+    ``observer(attn, q_img, text_keys, text_values, rows)``)."""
+
+    def __init__(self, original, kind: str, recorder: LayerRecorder | None, rows: slice, reading: str = "joint",
+                 text_len: Callable[[], int | None] = lambda: None, observer=None) -> None:
+        if reading not in READINGS:
+            raise ValueError(f"unknown joint-attention reading {reading!r}; choose one of {list(READINGS)}")
+        self.original = original
+        self.kind = kind
+        self.recorder = recorder
+        self.rows = rows
+        self.reading = reading
+        self.text_len = text_len
+        self.observer = observer
+        self.n_calls = 0
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, *args, **kwargs):
+        if image_rotary_emb is not None:
+            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                *args, **kwargs)
+        else:
+            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("evalkit does not trace joint attention with an attention mask (a padded text "
+                             "mask): generate without one")
+        with torch.no_grad():
+            self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        self.n_calls += 1
+        return out
+
+    def _record(self, attn, hidden_states, encoder_hidden_states, rotary) -> None:
+        rows = self.rows
+        hs = hidden_states[rows]
+        ehs = None if encoder_hidden_states is None else encoder_hidden_states[rows]
+        q, keys, values, text = joint_qkv(attn, self.kind, hs, ehs, rotary, self.text_len())
+        if self.observer is not None:
+            self.observer(attn, q, keys[:, :, text], values, slice(0, q.shape[0]))
+        if self.recorder is None:
+            return
+        scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
+        probs = text_probabilities(q, keys, text, scale, self.reading)
+        source = encoder_hidden_states if encoder_hidden_states is not None else hidden_states
+        vkey = self.recorder_key(source)
+        self.recorder.record_probs(attn, probs, values, vkey)
+
+    def recorder_key(self, source: torch.Tensor) -> tuple:
+        """A value key that changes with every call: MM-DiT text states are rewritten by each block at every
+        step, so value norms are recomputed per call (exact)."""
+        return ("joint", self.n_calls, id(source))
