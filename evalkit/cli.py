@@ -157,7 +157,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         tokens.positions(w)  # a word not in the prompt fails before generating
     stats = set().union(*(m.needs for m in methods))
     gen = generate(pipe, args.prompt, seeds=args.seed, steps=args.steps, guidance=args.guidance,
-                   height=args.height, width=args.width, stats=stats, truncate=args.truncate)
+                   height=args.height, width=args.width, stats=stats, truncate=args.truncate, reading=args.reading)
     trace, image = gen.traces[0], gen.images[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--reading", choices=("joint", "text"), default="joint",
+                   help="SD3/Flux: joint-attention probabilities of the text keys as computed (joint) or "
+                        "renormalized over the text keys (text)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--scheduler", default=None, help="ddim, dpm-solver, pndm or euler (default: the model's)")

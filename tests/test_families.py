@@ -220,8 +220,8 @@ def test_hrv_model_picks_the_vectors_whose_heads_match_the_unet(bench, tmp_path)
 
 
 def test_a_pipeline_class_evalkit_does_not_trace_is_one_clear_error(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelLoadError, match="'FluxPipeline' is not supported: evalkit traces StableDiffusion"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(ModelLoadError, match="'PixArtAlphaPipeline' is not supported: evalkit traces StableDiffusion"):
         load(str(tmp_path))
 
 

@@ -1,7 +1,8 @@
 """Load Stable Diffusion pipelines for evaluation: built-in fixtures, local diffusers folders or hub ids.
 
 The pipeline class follows the folder's ``model_index.json`` (see :mod:`evalkit.models.families`): SD 1.x and
-SD 2.x load as ``StableDiffusionPipeline``, SDXL as ``StableDiffusionXLPipeline``. Everything works offline; a
+SD 2.x load as ``StableDiffusionPipeline``, SDXL as ``StableDiffusionXLPipeline``, SD3 as
+``StableDiffusion3Pipeline`` and FLUX.1 as ``FluxPipeline``. Everything works offline; a
 hub id that is not cached fails fast with a :class:`ModelLoadError` that tells the user to pass a local folder
 instead.
 """
@@ -21,7 +22,9 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FluxPipeline,
     PNDMScheduler,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -29,6 +32,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from evalkit.models.families import FAMILIES, Family, UnsupportedModelError, family_of
+from evalkit.models.t5_tokenizer import build_t5_tokenizer
 from evalkit.models.tokenizer import build_clip_tokenizer
 
 __all__ = [
@@ -41,13 +45,16 @@ __all__ = [
     "Family",
     "ModelLoadError",
     "build_clip_tokenizer",
+    "build_t5_tokenizer",
     "list_builtin_models",
     "load",
     "load_tokenizer",
+    "load_tokenizers",
     "make_scheduler",
     "model_family",
     "resolve_dtype",
     "set_scheduler",
+    "transformer_config",
     "unet_config",
 ]
 
@@ -57,6 +64,8 @@ from evalkit.builtin_models import BUILTIN_DESCRIPTIONS, BUILTIN_MODELS, BUILTIN
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
+    "FluxPipeline": FluxPipeline,
 }
 
 #: Scheduler name -> diffusers scheduler class (built from the pipeline's scheduler config).
@@ -115,9 +124,26 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
 
 
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> DiffusionPipeline:
-    """Replace ``pipe.scheduler`` in place by the scheduler called ``name``; returns ``pipe``."""
+    """Replace ``pipe.scheduler`` in place by the scheduler called ``name``; returns ``pipe``.
+
+    The names are noise-prediction samplers. A flow-matching model (SD3, Flux: a ``FlowMatch*`` scheduler) keeps
+    its own scheduler, with a warning, since DDIM/PNDM/DPM-Solver/Euler over betas would sample it wrongly; so a
+    suite written for UNets runs unchanged on an MM-DiT (the trace's settings name the scheduler used)."""
+    if name.lower() not in SCHEDULERS:
+        make_scheduler(name, {})  # raises the same error for every model
+    if _flow_matching(pipe):
+        import warnings
+
+        warnings.warn(f"scheduler {name!r} is for noise-prediction models; this flow-matching model keeps its "
+                      f"{type(pipe.scheduler).__name__}", stacklevel=2)
+        return pipe
     pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
     return pipe
+
+
+def _flow_matching(pipe: DiffusionPipeline) -> bool:
+    """Whether the pipeline samples by flow matching (its scheduler is a ``FlowMatch*`` one)."""
+    return type(pipe.scheduler).__name__.startswith("FlowMatch")
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -174,9 +200,12 @@ def _pipeline_class(index: dict, model: str) -> type[DiffusionPipeline]:
 
 
 def _pipeline_kwargs(cls: type[DiffusionPipeline], dtype: torch.dtype) -> dict:
-    """from_pretrained keywords: no safety checker (SD), no invisible watermark (SDXL: an optional package)."""
+    """from_pretrained keywords: no safety checker (SD), no invisible watermark (SDXL: an optional package); SD3
+    and Flux have neither."""
     if cls is StableDiffusionXLPipeline:
         return {"dtype": dtype, "add_watermarker": False}
+    if cls in (StableDiffusion3Pipeline, FluxPipeline):
+        return {"dtype": dtype}
     return {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
 
 
@@ -238,7 +267,8 @@ def load(
     """Load a pipeline by built-in name, local diffusers folder or hub id, with the class its family needs.
 
     SD 1.x/2.x give a ``StableDiffusionPipeline``, SDXL a ``StableDiffusionXLPipeline`` (two tokenizers and
-    text encoders; the first tokenizer defines token positions, see :mod:`evalkit.trace.tokens`). The safety
+    text encoders; the first tokenizer defines token positions, see :mod:`evalkit.trace.tokens`), SD3 a
+    ``StableDiffusion3Pipeline`` (two CLIP encoders and T5) and FLUX.1 a ``FluxPipeline`` (CLIP and T5). The safety
     checker and SDXL's watermarker are off, the progress bar silenced; ``scheduler`` optionally swaps the
     scheduler by name (see :data:`SCHEDULERS`).
     """
@@ -261,15 +291,28 @@ def load(
     return pipe.to(device)
 
 
-def unet_config(model: str) -> dict | None:
-    """The UNet config of ``model`` (built-in name, local folder or cached hub id) without its weights; None
-    when it is not available offline."""
+def _component_config(model: str, component: str) -> dict | None:
+    """The ``config.json`` of one component folder of ``model`` without weights; None when it is absent or not
+    available offline."""
     model = os.fspath(model)
     try:
         local = _resolve_local(model)
-        return _read_config(local if local is not None else model, "unet")
+        return _read_config(local if local is not None else model, component)
     except (*_HUB_ERRORS, ModelLoadError):
         return None
+
+
+def unet_config(model: str) -> dict | None:
+    """The UNet config of ``model`` (built-in name, local folder or cached hub id) without its weights; None
+    when it is not available offline, and for SD3 and Flux, which have a transformer instead (see
+    :func:`transformer_config`)."""
+    return _component_config(model, "unet")
+
+
+def transformer_config(model: str) -> dict | None:
+    """The transformer config of an SD3 or Flux ``model`` (built-in name, local folder or cached hub id) without
+    its weights; None for a UNet model or when it is not available offline."""
+    return _component_config(model, "transformer")
 
 
 def model_family(model: str) -> Family:
@@ -290,7 +333,8 @@ def model_family(model: str) -> Family:
 def load_tokenizer(model: str):
     """The CLIP tokenizer of a model (built-in name, local folder or cached hub id) without loading its
     weights: re-scoring a stored trace needs the word alignment, not the UNet. For SDXL it is the first of
-    the two tokenizers, the one that defines token positions."""
+    the two tokenizers, the one that defines token positions; for SD3 and Flux their CLIP(-L) tokenizer (their
+    T5 tokenizer is ``tokenizer_3`` and ``tokenizer_2``)."""
     from transformers import CLIPTokenizer
 
     model = os.fspath(model)
@@ -298,5 +342,21 @@ def load_tokenizer(model: str):
     source = local if local is not None else model
     try:
         return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
+    except _HUB_ERRORS as exc:
+        raise _not_found(model) from exc
+
+
+def load_tokenizers(model: str) -> dict[str, object]:
+    """Every tokenizer of a model by its pipeline attribute (``tokenizer``, ``tokenizer_2``, ``tokenizer_3``), read
+    from the folders ``model_index.json`` names, without weights: what an MM-DiT's text keys are made of."""
+    from transformers import AutoTokenizer
+
+    model = os.fspath(model)
+    local = _resolve_local(model)
+    source = local if local is not None else model
+    try:
+        index = _read_config(source)
+        return {name: AutoTokenizer.from_pretrained(source, subfolder=name, local_files_only=True)
+                for name in ("tokenizer", "tokenizer_2", "tokenizer_3") if (index.get(name) or [None])[0]}
     except _HUB_ERRORS as exc:
         raise _not_found(model) from exc

@@ -1,7 +1,7 @@
-"""The model families evalkit traces: SD 1.x, SD 2.x and SDXL, told apart by a pipeline folder's configs, plus
-each family's reference geometry written as configs (SD 1.5, SD 2.1, SDXL base 1.0) so that a full-size pipeline
-can be built with random weights offline: tests and benchmarks exercise the real layer and head layout without
-downloading a checkpoint.
+"""The model families evalkit loads: SD 1.x, SD 2.x and SDXL (UNets) and SD3 and FLUX.1 (multimodal diffusion
+transformers), told apart by a pipeline folder's configs, plus each family's reference geometry written as configs
+(SD 1.5, SD 2.1, SDXL base 1.0, SD3 medium, FLUX.1 schnell) so that a full-size pipeline can be built with random
+weights offline: tests and benchmarks exercise the real layer and head layout without downloading a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .t5_tokenizer import build_t5_tokenizer
 from .tokenizer import EOS_TOKEN, MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
 
 __all__ = [
     "FAMILIES",
+    "TEXT_ENCODERS",
+    "TRANSFORMERS",
     "Family",
     "UnsupportedModelError",
     "family_of",
@@ -38,6 +41,7 @@ class Family:
     hub_id: str
     hrv: str | None  # shipped head relevance vectors that fit the reference geometry (see evalkit.methods.hrv)
     resolution: int  # the reference checkpoint's default image side in pixels
+    backbone: str = "unet"  # the denoiser: "unet" (UNet2DConditionModel) or "transformer" (an MM-DiT)
 
 
 #: Supported families by name, in release order.
@@ -48,6 +52,22 @@ FAMILIES: dict[str, Family] = {
                   None, 768),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline",
                    "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024),
+    "sd3": Family("sd3", "Stable Diffusion 3", "StableDiffusion3Pipeline",
+                  "stabilityai/stable-diffusion-3-medium-diffusers", None, 1024, "transformer"),
+    "flux": Family("flux", "FLUX.1", "FluxPipeline", "black-forest-labs/FLUX.1-schnell", None, 1024, "transformer"),
+}
+
+#: Family name -> the diffusers class of its transformer (the MM-DiT families only).
+TRANSFORMERS: dict[str, str] = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+
+#: Family name -> its text encoders' component names and transformers classes, in the pipeline's order.
+TEXT_ENCODERS: dict[str, dict[str, str]] = {
+    "sd1": {"text_encoder": "CLIPTextModel"},
+    "sd2": {"text_encoder": "CLIPTextModel"},
+    "sdxl": {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"},
+    "sd3": {"text_encoder": "CLIPTextModelWithProjection", "text_encoder_2": "CLIPTextModelWithProjection",
+            "text_encoder_3": "T5EncoderModel"},
+    "flux": {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"},
 }
 
 #: The pipeline classes evalkit loads (diffusers class name -> family names using it).
@@ -56,10 +76,12 @@ PIPELINE_CLASSES: tuple[str, ...] = tuple(dict.fromkeys(f.pipeline for f in FAMI
 
 def family_of(index: dict, unet_config: dict | None = None) -> Family:
     """The family of a pipeline from its ``model_index.json`` (``_class_name``) and UNet config: SD 2.x is a
-    StableDiffusionPipeline whose transformer blocks use linear projections (SD 1.x uses 1x1 convolutions)."""
+    StableDiffusionPipeline whose transformer blocks use linear projections (SD 1.x uses 1x1 convolutions); SDXL,
+    SD3 (3 and 3.5: one pipeline class) and Flux have a pipeline class of their own."""
     cls = index.get("_class_name")
-    if cls == FAMILIES["sdxl"].pipeline:
-        return FAMILIES["sdxl"]
+    for name in ("sdxl", "sd3", "flux"):
+        if cls == FAMILIES[name].pipeline:
+            return FAMILIES[name]
     if cls == FAMILIES["sd1"].pipeline:
         linear = bool((unet_config or {}).get("use_linear_projection", False))
         return FAMILIES["sd2" if linear else "sd1"]
@@ -84,15 +106,36 @@ def _clip(hidden: int, layers: int, heads: int, act: str, projection: int) -> di
 
 
 def _vae(sample: int, scaling: float, **extra) -> dict:
-    """The KL autoencoder all three families share (scale factor 8, 4 latent channels)."""
+    """The KL autoencoder of every family (scale factor 8; 4 latent channels unless ``extra`` says otherwise)."""
     return {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "down_block_types": ["DownEncoderBlock2D"] * 4,
             "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512],
             "layers_per_block": 2, "norm_num_groups": 32, "sample_size": sample, "scaling_factor": scaling, **extra}
 
 
+def _mmdit_vae(scaling: float, shift: float) -> dict:
+    """The 16-channel KL autoencoder of SD3 and FLUX.1: a latent shift besides the scale, no quant convolutions."""
+    return _vae(1024, scaling, latent_channels=16, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False,
+                force_upcast=True)
+
+
+def _t5(vocab: int, d_model: int, layers: int, heads: int, d_kv: int, d_ff: int) -> dict:
+    """A T5 v1.1 encoder config (gated GELU, untied embeddings, 32 relative-position buckets) as SD3 and FLUX.1
+    use; T5-XXL is ``_t5(32128, 4096, 24, 64, 64, 10240)``."""
+    return {"vocab_size": vocab, "d_model": d_model, "num_layers": layers, "num_heads": heads, "d_kv": d_kv,
+            "d_ff": d_ff, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False,
+            "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+
+
+def _flow_match(**extra) -> dict:
+    """A rectified-flow Euler scheduler config (SD3 and FLUX.1)."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, **extra}
+
+
 def reference_configs(family: str) -> dict[str, dict]:
-    """Component configs of a family's reference checkpoint (SD 1.5, SD 2.1, SDXL base 1.0), written here: the
-    keys are the pipeline's component names; ``scheduler`` carries its ``_class_name``."""
+    """Component configs of a family's reference checkpoint (SD 1.5, SD 2.1, SDXL base 1.0, SD3 medium, FLUX.1
+    schnell), written here: the keys are the pipeline's component names; ``scheduler`` carries its
+    ``_class_name``. FLUX.1 dev has schnell's geometry plus a guidance embedding (``guidance_embeds``)."""
     sd_unet = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
                "block_out_channels": [320, 640, 1280, 1280],
                "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -123,6 +166,26 @@ def reference_configs(family: str) -> dict[str, dict]:
                 "text_encoder_2": _clip(1280, 32, 20, "gelu", 1280),
                 "scheduler": _scheduler("EulerDiscreteScheduler", timestep_spacing="leading",
                                         interpolation_type="linear", prediction_type="epsilon")}
+    if family == "sd3":  # 24 joint blocks of 24 heads of 64; text states: CLIP-L + CLIP-G (2048) padded to T5's 4096
+        return {"transformer": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+                                "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24,
+                                "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+                                "pooled_projection_dim": 2048, "pos_embed_max_size": 192},
+                "vae": _mmdit_vae(1.5305, 0.0609),
+                "text_encoder": _clip(768, 12, 12, "quick_gelu", 768),
+                "text_encoder_2": _clip(1280, 32, 20, "gelu", 1280),
+                "text_encoder_3": _t5(32128, 4096, 24, 64, 64, 10240),
+                "scheduler": _flow_match(shift=3.0)}
+    if family == "flux":  # 19 double-stream + 38 single-stream blocks of 24 heads of 128; 2x2-packed latents
+        return {"transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                                "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                                "pooled_projection_dim": 768, "guidance_embeds": False,
+                                "axes_dims_rope": [16, 56, 56]},
+                "vae": _mmdit_vae(0.3611, 0.1159),
+                "text_encoder": _clip(768, 12, 12, "quick_gelu", 768),
+                "text_encoder_2": _t5(32128, 4096, 24, 64, 64, 10240),
+                "scheduler": _flow_match(shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+                                         base_image_seq_len=256, max_image_seq_len=4096)}
     raise KeyError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
 
 
@@ -137,13 +200,21 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def _text_encoder(cls: str, config: dict):
+    """A transformers text encoder of class ``cls`` (CLIP with or without projection, or T5's encoder)."""
+    import transformers
+
+    config_cls = transformers.T5Config if cls == "T5EncoderModel" else transformers.CLIPTextConfig
+    return getattr(transformers, cls)(config_cls(**config))
+
+
 def random_pipeline(family: str, *, configs: dict[str, dict] | None = None, dtype: torch.dtype = torch.float32,
                     seed: int = 0):
     """A pipeline of ``family`` with seeded random weights built from ``configs`` (default: the reference
-    geometry); the real CLIP BPE tokenizer(s), the second one padding with "!" as OpenCLIP's does."""
+    geometry); the real CLIP BPE tokenizer(s), a second CLIP one padding with "!" as OpenCLIP's does, and for SD3
+    and Flux the T5 tokenizer of :func:`~evalkit.models.t5_tokenizer.build_t5_tokenizer`."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     fam = FAMILIES[family]
     configs = configs or reference_configs(family)
@@ -152,18 +223,25 @@ def random_pipeline(family: str, *, configs: dict[str, dict] | None = None, dtyp
     parts: dict = {"scheduler": scheduler}
     with _default_dtype(dtype):
         torch.manual_seed(seed)
-        parts["unet"] = UNet2DConditionModel.from_config(configs["unet"])
+        if fam.backbone == "unet":
+            parts["unet"] = UNet2DConditionModel.from_config(configs["unet"])
+        else:
+            parts["transformer"] = getattr(diffusers, TRANSFORMERS[family]).from_config(configs["transformer"])
         torch.manual_seed(seed + 1)
         parts["vae"] = AutoencoderKL.from_config(configs["vae"])
-        torch.manual_seed(seed + 2)
-        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-        if "text_encoder_2" in configs:
-            torch.manual_seed(seed + 3)
-            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+        for i, (name, cls) in enumerate(TEXT_ENCODERS[family].items()):
+            if name in configs:
+                torch.manual_seed(seed + 2 + i)
+                parts[name] = _text_encoder(cls, configs[name])
     pad = EOS_TOKEN if family == "sd1" else "!"
     if fam.name == "sdxl":
         pipe = diffusers.StableDiffusionXLPipeline(tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(
             pad_token=pad), add_watermarker=False, **parts)
+    elif fam.name == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(
+            pad_token="!"), tokenizer_3=build_t5_tokenizer(), **parts)
+    elif fam.name == "flux":
+        pipe = diffusers.FluxPipeline(tokenizer=build_clip_tokenizer(), tokenizer_2=build_t5_tokenizer(), **parts)
     else:
         pipe = diffusers.StableDiffusionPipeline(tokenizer=build_clip_tokenizer(pad_token=pad), safety_checker=None,
                                                  feature_extractor=None, requires_safety_checker=False, **parts)

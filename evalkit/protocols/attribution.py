@@ -55,7 +55,7 @@ def compute_case(pipe, spec: Any, case: Case, methods: dict, stats: set[str] | N
     if stats is None:
         stats = set().union(*(m.needs for m in methods.values())) if methods else set()
     gen = generate(pipe, case.item.prompt, seeds=case.seed, steps=s.steps, guidance=s.guidance, height=s.height,
-                   width=s.width, stats=sorted(stats))
+                   width=s.width, stats=sorted(stats), reading=s.reading)
     trace = gen.traces[0]
     per_method = {label: method_files(method, trace, case.item.words) for label, method in methods.items()}
     meta = {"prompt": case.item.prompt, "seed": case.seed, "item": case.item.id, "words": case.item.words,

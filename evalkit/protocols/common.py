@@ -22,7 +22,7 @@ def generate_case(pipe, spec: Any, prompts, seeds, stats=(), interventions=()):
 
     s = spec.sampler
     return generate(pipe, prompts, seeds=seeds, steps=s.steps, guidance=s.guidance, height=s.height, width=s.width,
-                    stats=sorted(set(stats)), interventions=interventions)
+                    stats=sorted(set(stats)), interventions=interventions, reading=s.reading)
 
 
 def word_heat(method: Any, trace, word: str, size: tuple[int, int]) -> np.ndarray:

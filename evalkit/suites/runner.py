@@ -221,9 +221,9 @@ def _rescore_from_traces(spec: SuiteSpec, todo: list, methods: dict, traces: Cas
             served[case.key] = stored
     if not served:
         return set()
-    from ..models import load_tokenizer
+    from ..trace.joint import model_tokenizer
 
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = model_tokenizer(spec.model)
     with tqdm(total=len(served), desc=f"{spec.name}: re-scoring stored traces", disable=not progress,
               unit="case") as bar:
         for case, missing, _ in todo:

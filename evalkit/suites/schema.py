@@ -14,13 +14,16 @@ class _Strict(BaseModel):
 
 
 class SamplerSpec(_Strict):
-    """How images are generated: scheduler, steps, guidance and size (None: the model's default)."""
+    """How images are generated: scheduler, steps, guidance and size (None: the model's default); on MM-DiT
+    models (SD3, Flux) ``reading`` says how the joint attention's image-query x text-key block is read:
+    ``joint`` probabilities as computed, or ``text``: renormalized over the text keys (see evalkit.trace.joint)."""
 
     scheduler: str | None = None
     steps: int = Field(20, ge=1)
     guidance: float = Field(7.5, ge=0.0)
     height: int | None = Field(None, ge=8)
     width: int | None = Field(None, ge=8)
+    reading: Literal["joint", "text"] = "joint"
 
 
 class DataSpec(_Strict):

@@ -96,18 +96,43 @@ def pipeline_tokenizer(pipe) -> object:
     denoiser = getattr(pipe, "transformer", None)
     if denoiser is None or not is_mmdit(denoiser):
         return pipe.tokenizer
-    if type(denoiser).__name__ == "SD3Transformer2DModel":
-        clip = int(pipe.tokenizer.model_max_length)
-        return JointTokenizer((("clip", pipe.tokenizer, clip), ("t5", pipe.tokenizer_3, t5_length(pipe))))
-    return JointTokenizer((("t5", pipe.tokenizer_2, t5_length(pipe)),))
+    kind = "sd3" if type(denoiser).__name__ == "SD3Transformer2DModel" else "flux"
+    return joint_tokenizer(kind, {n: getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")})
+
+
+def joint_tokenizer(kind: str, tokenizers: dict) -> JointTokenizer:
+    """The text keys of an ``sd3`` or ``flux`` pipeline from its tokenizers (pipeline attribute -> tokenizer)."""
+    if kind == "sd3":
+        clip = tokenizers["tokenizer"]
+        t5 = tokenizers.get("tokenizer_3")
+        return JointTokenizer((("clip", clip, int(clip.model_max_length)), ("t5", t5, _t5_keys(kind, t5))))
+    t5 = tokenizers["tokenizer_2"]
+    return JointTokenizer((("t5", t5, _t5_keys(kind, t5)),))
+
+
+def model_tokenizer(model: str) -> object:
+    """:func:`pipeline_tokenizer` of a model (built-in name, folder or cached hub id) from its tokenizer files
+    alone: re-scoring a stored trace needs the word alignment, not the weights."""
+    from ..models import load_tokenizer, load_tokenizers, model_family
+
+    family = model_family(model).name
+    if family in ("sd3", "flux"):
+        return joint_tokenizer(family, load_tokenizers(model))
+    return load_tokenizer(model)
 
 
 def t5_length(pipe) -> int:
-    """The T5 sequence length evalkit generates with: the pipeline's default ``max_sequence_length`` (SD3 256,
-    Flux 512), or the T5 tokenizer's ``model_max_length`` when that is shorter (a small built-in)."""
-    default = 256 if type(pipe.transformer).__name__ == "SD3Transformer2DModel" else 512
-    tok = getattr(pipe, "tokenizer_3", None) or getattr(pipe, "tokenizer_2", None)
-    limit = int(getattr(tok, "model_max_length", default) or default)
+    """The T5 sequence length evalkit generates with (see :func:`_t5_keys`)."""
+    sd3 = type(pipe.transformer).__name__ == "SD3Transformer2DModel"
+    tok = getattr(pipe, "tokenizer_3", None) if sd3 else getattr(pipe, "tokenizer_2", None)
+    return _t5_keys("sd3" if sd3 else "flux", tok)
+
+
+def _t5_keys(kind: str, tokenizer) -> int:
+    """The pipeline's default ``max_sequence_length`` (SD3 256, Flux 512), or the T5 tokenizer's
+    ``model_max_length`` when that is shorter."""
+    default = 256 if kind == "sd3" else 512
+    limit = int(getattr(tokenizer, "model_max_length", default) or default)
     return min(default, limit)
 
 

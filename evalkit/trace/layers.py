@@ -103,9 +103,28 @@ def unet_head_names(config: Mapping) -> list[str]:
 
 
 def model_head_names(model: str) -> list[str] | None:
-    """Head names of ``model``'s UNet (built-in name, local folder or cached hub id) from its config alone;
-    None when the config is not available offline (a hub id not in the cache)."""
-    from ..models import unet_config
+    """Head names of ``model``'s UNet or MM-DiT transformer (built-in name, local folder or cached hub id) from
+    its config alone; None when the config is not available offline (a hub id not in the cache)."""
+    from ..models import transformer_config, unet_config
 
     config = unet_config(model)
-    return None if config is None else unet_head_names(config)
+    if config is not None:
+        return unet_head_names(config)
+    config = transformer_config(model)
+    return None if config is None else transformer_head_names(config)
+
+
+def transformer_head_names(config: Mapping) -> list[str]:
+    """Head names of the SD3 or Flux transformer a config describes (``_class_name`` picks the class), built on
+    the meta device without weights."""
+    import diffusers
+    import torch
+
+    from .joint import find_joint_attention_layers
+
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if cls is None:
+        raise ValueError(f"unknown transformer class {config.get('_class_name')!r} in the model's config")
+    with torch.device("meta"):
+        model = cls.from_config(dict(config))
+    return [n for info, *_ in find_joint_attention_layers(model) for n in info.head_names()]

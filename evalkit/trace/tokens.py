@@ -75,7 +75,7 @@ class PromptTokens:
         if not starts:
             raise WordNotFoundError(
                 f"word {word!r} is not in the prompt {self.prompt!r}; its words are "
-                f"{[w.text for w in self.words]} (tokens {list(self.pieces[1:-1])})"
+                f"{[w.text for w in self.words]} (tokens {[self.pieces[p] for w in self.words for p in w.positions]})"
             )
         if occurrence is not None:
             if not 0 <= occurrence < len(starts):
@@ -125,14 +125,21 @@ def _group_sentencepiece_words(tokenizer, ids: list[int]) -> list[Word]:
     text = ""
     for pos in range(end):
         piece = pieces[pos]
-        if piece.startswith(SP_SPACE) and current:
+        bare = piece.lstrip(SP_SPACE)
+        punct = bool(bare) and not any(ch.isalnum() for ch in bare)  # "," after "circle": its own word, as CLIP
+        if (piece.startswith(SP_SPACE) or punct or _is_punct(text)) and current:
             words.append(Word(text=text.lower(), positions=tuple(current)))
             current, text = [], ""
         current.append(pos)
-        text += piece.lstrip(SP_SPACE)
+        text += bare
     if current:
         words.append(Word(text=text.lower(), positions=tuple(current)))
     return [w for w in words if w.text]  # a lone "\u2581" before punctuation is no word
+
+
+def _is_punct(text: str) -> bool:
+    """Non-empty and without letters or digits."""
+    return bool(text) and not any(ch.isalnum() for ch in text)
 
 
 def _group_words(tokenizer, ids: list[int]) -> list[Word]:
@@ -268,6 +275,9 @@ class JointTokenizer:
         ``truncate``, is cut there as the pipeline cuts it)."""
         parts, offset = [], 0
         for name, tokenizer, n in self.parts:
+            if tokenizer is None:  # a pipeline without this encoder (SD3 without T5): zero states, no words
+                offset += n
+                continue
             try:
                 parts.append((name, _tokenize(tokenizer, prompt, truncate, n), offset))
             except PromptTooLongError as err:
