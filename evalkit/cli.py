@@ -16,7 +16,9 @@ from pathlib import Path
 #: found) subclass these. torch is imported only by the commands that need it.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError)
 #: The methods `evalkit attribute` runs when --methods is not given.
-DEFAULT_METHODS = ("daam", "raw-attn", "norm", "hrv-selective")
+DEFAULT_METHODS = ("daam", "raw-attn", "norm", "hrv-selective", "concept-attention")
+#: How denoiser kinds are named to users.
+BACKBONE_NAMES = {"unet": "UNet", "transformer": "MM-DiT (SD3/Flux)"}
 SET_HELP = ("override a suite key (repeatable; dotted keys, YAML values), e.g. --set sampler.steps=1 "
             "--set ground_truth.detector=/models/grounding-dino-tiny")
 
@@ -122,6 +124,16 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         raise ValueError("--methods is empty: name at least one method (see `evalkit methods`)")
     for name in method_names:
         get_method_class(name)  # unknown names fail before any model is loaded
+    backbone = preflight.model_backbone(args.model)
+    for name in list(method_names):
+        kinds = get_method_class(name).backbones
+        if backbone is not None and backbone not in kinds:
+            why = (f"method {name!r} runs on {' and '.join(BACKBONE_NAMES[k] for k in sorted(kinds))} models; "
+                   f"{args.model!r} is a {BACKBONE_NAMES[backbone]} model")
+            if explicit:
+                raise ValueError(f"--methods {name}: {why}")
+            print(f"{name} skipped: {why}")
+            method_names.remove(name)
     params = parse_method_params(args.param or [], method_names)
     given = {n: ", ".join(f"{n}.{k}={v}" for k, v in p.items()) for n, p in params.items()}  # as the user wrote
     preflight.check_sampling(args.steps, args.guidance, args.prompt, args.height, args.width)
@@ -299,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="ddim, dpm-solver, pndm or euler (default: the model's)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; hrv-selective with the "
-                        "model's own head relevance vectors, skipped when none are known)")
+                        "model's own head relevance vectors, skipped when none are known; concept-attention "
+                        "skipped on UNet models)")
     p.add_argument("--param", action="append", help="method parameter METHOD.NAME=VALUE (repeatable)")
     p.add_argument("--words", default=None, help="comma-separated words (default: every word of the prompt)")
     p.add_argument("--out", required=True, help="output folder")

@@ -88,6 +88,17 @@ def build(kind: str, name: str, params: dict, where: str):
         raise InputError(f"{where}: {kind} {name!r} with {shown or 'no parameters'}: {err}") from None
 
 
+def model_backbone(model: str) -> str | None:
+    """``unet`` or ``transformer`` (MM-DiT) from the model's ``model_index.json`` alone; None when that is not
+    readable here (loading the model names the problem)."""
+    from .models import ModelLoadError, model_family
+
+    try:
+        return model_family(model).backbone
+    except ModelLoadError:
+        return None
+
+
 def model_head_names(model: str) -> list[str] | None:
     """The attn2 head names of ``model``'s UNet, from its config alone (built on the meta device, no
     weights read); None when the config is not available offline (a hub id not in the cache)."""

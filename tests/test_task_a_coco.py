@@ -147,7 +147,7 @@ def test_suite_defaults_and_set_overrides(folders) -> None:
     gt = spec.ground_truth
     assert (gt.source, gt.detector, gt.segmenter) == ("grounded-sam", "IDEA-Research/grounding-dino-tiny",
                                                       "facebook/sam-vit-huge")
-    assert [m.label for m in spec.methods] == ["daam", "raw-attn", "norm", "hrv-selective"]
+    assert [m.label for m in spec.methods] == ["daam", "concept-attention", "raw-attn", "norm", "hrv-selective"]
     assert {k.label for k in spec.metrics} == {"miou80_tau0.4", "miou-inf_tau0.4"}
     sets = parse_set([f"ground_truth.detector={folders[0]}", "sampler.steps=1", "ground_truth.box_threshold=0.5"])
     assert sets == {"ground_truth": {"detector": str(folders[0]), "box_threshold": 0.5}, "sampler": {"steps": 1}}

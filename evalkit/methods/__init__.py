@@ -1,8 +1,9 @@
 """Attribution methods: the base API, the registry, and the built-in methods."""
 
-from . import aggregation, daam, hrv, norm, raw_attn  # noqa: F401  (registers the built-ins)
+from . import aggregation, concept_attention, daam, hrv, norm, raw_attn  # noqa: F401  (registers the built-ins)
 from .aggregation import NormHeadsOnly, NormTimestepsOnly
 from .base import Attribution, AttributionMethod, aggregate
+from .concept_attention import ConceptAttention
 from .daam import DAAM
 from .hrv import SHIPPED_HRVS, HeadRelevance, HRVSelective, hrv_for_model
 from .norm import NormAttribution, SquaredNormAttribution, head_strengths
@@ -19,6 +20,7 @@ __all__ = [
     "DAAM",
     "Attribution",
     "AttributionMethod",
+    "ConceptAttention",
     "HRVSelective",
     "HeadRelevance",
     "NormAttribution",

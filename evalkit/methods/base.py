@@ -94,6 +94,8 @@ class AttributionMethod:
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: Denoisers the method works on: "unet" (SD 1.x/2.x, SDXL) and/or "transformer" (MM-DiT: SD3, Flux).
+    backbones: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
     summary: ClassVar[str] = ""
     upsample: ClassVar[str] = "bicubic"
 

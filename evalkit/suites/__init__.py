@@ -158,18 +158,24 @@ def _stored(data: dict, methods, cache_dir, key, load_result):
     if methods:
         spec = select_methods(spec, methods)
     stored = load_result(cache_dir, key, spec)
-    if stored is not None:  # a method with `hrv: model` that the run skipped (no vectors fit the model) has no rows
-        rows = {r["method"] for r in stored.rows}
-        keep = [m.label for m in spec.methods if m.label in rows or m.params.get("hrv") != "model"]
+    if stored is not None:  # methods the run skipped (no HRVs fit the model, another backbone) have no rows
+        if stored.methods is not None:
+            keep = [m.label for m in spec.methods if m.label in stored.methods]
+        else:  # a record from before skipped methods were recorded
+            rows = {r["method"] for r in stored.rows}
+            keep = [m.label for m in spec.methods if m.label in rows or m.params.get("hrv") != "model"]
         if len(keep) < len(spec.methods):
             stored.spec = select_methods(spec, keep)
     return stored
 
 
 def resolve_model_hrv(spec: SuiteSpec, requested: list[str] | None = None) -> SuiteSpec:
-    """Methods whose ``params.hrv`` is still ``model`` (no head relevance vectors fit the suite's model, see
-    ``loader._resolve_model_hrv``) are skipped with a notice, with their claims, as ``evalkit attribute`` skips
-    hrv-selective; named in ``requested`` (``--methods``), or when nothing else is left, that is an error."""
+    """Methods that cannot run on the suite's model are skipped with a notice, with their claims, as ``evalkit
+    attribute`` skips them: a method made for another backbone (``AttributionMethod.backbones``: ConceptAttention
+    needs an MM-DiT), and one whose ``params.hrv`` is still ``model`` (no head relevance vectors fit the model,
+    see ``loader._resolve_model_hrv``). Named in ``requested`` (``--methods``), or when nothing else is left,
+    that is an error."""
+    spec = _skip_other_backbones(spec, requested)
     users = [m for m in spec.methods if m.params.get("hrv") == "model"]
     if not users:
         return spec
@@ -186,6 +192,28 @@ def resolve_model_hrv(spec: SuiteSpec, requested: list[str] | None = None) -> Su
         return select_methods(spec, [m.label for m in spec.methods if m not in users])
     methods = [m.model_copy(update={"params": {**m.params, "hrv": found}}) if m in users else m for m in spec.methods]
     return spec.model_copy(update={"methods": methods})
+
+
+def _skip_other_backbones(spec: SuiteSpec, requested: list[str] | None) -> SuiteSpec:
+    """Drop (with a notice) the methods whose class does not support the model's backbone (unet/transformer)."""
+    from ..methods import get_method_class
+    from ..models import ModelLoadError, model_family
+
+    try:
+        backbone = model_family(spec.model).backbone
+    except ModelLoadError:
+        return spec  # an unreadable model fails later with its own error
+    other = [m for m in spec.methods if backbone not in get_method_class(m.name).backbones]
+    if not other:
+        return spec
+    kinds = {"unet": "UNet", "transformer": "MM-DiT"}
+    for m in other:
+        runs_on = " and ".join(kinds[b] for b in sorted(get_method_class(m.name).backbones))
+        why = f"{m.label}: method {m.name!r} runs on {runs_on} models; {spec.model!r} is a {kinds[backbone]} model"
+        if (requested and (m.label in requested or m.name in requested)) or len(other) == len(spec.methods):
+            raise SuiteError(f"suite {spec.name!r}: {why}")
+        print(f"{m.label} skipped: {why.split(': ', 1)[1]}")
+    return select_methods(spec, [m.label for m in spec.methods if m not in other])
 
 
 def parse_set(items: list[str], into: dict | None = None) -> dict:

@@ -26,8 +26,8 @@ PACKAGE = Path(__file__).resolve().parents[1]
 
 #: Methods and metrics defined inside evalkit (covered by :func:`package_digest`); any other name
 #: must resolve to a source file (plugin module or entry point) or the invocation is not stored.
-BUILTIN_METHODS = frozenset({"daam", "raw-attn", "norm", "norm-sq", "hrv-selective", "norm-heads-only",
-                             "norm-timesteps-only"})
+BUILTIN_METHODS = frozenset({"daam", "raw-attn", "norm", "norm-sq", "hrv-selective", "concept-attention",
+                             "norm-heads-only", "norm-timesteps-only"})
 BUILTIN_METRICS = frozenset({
     "iou", "miou80", "miou-inf", "miou-best-tau", "pointing-game", "relevance-mass", "relevance-rank",
     "top-k-intersection", "specificity", "shift", "stability", "variance", "noise", "grounding-loss",
@@ -186,6 +186,7 @@ class StoredResult:
     samples: list[dict] = field(default_factory=list)
     items: list[dict] = field(default_factory=list)
     unassigned: dict[str, str] = field(default_factory=dict)
+    methods: list[str] | None = None  # labels of the methods that ran (others were skipped for this model)
 
     @property
     def passed(self) -> bool:
@@ -208,7 +209,8 @@ def save_result(cache_dir: str | Path, key: str, result, rows: list[dict], figur
         names.append(name)
     files[RECORD] = {"rows": rows, "claims": [c.to_dict() for c in result.claims], "n_cases": result.n_cases,
                      "figures": names, "mlflow_key": mlflow_key, "items": items or [],
-                     "unassigned": dict(getattr(result, "unassigned", {}) or {})}
+                     "unassigned": dict(getattr(result, "unassigned", {}) or {}),
+                     "methods": [m.label for m in result.spec.methods]}
     return _cache(cache_dir).store(key, files)
 
 
@@ -226,7 +228,7 @@ def load_result(cache_dir: str | Path, key: str, spec) -> StoredResult | None:
         return None
     return StoredResult(spec=spec, rows=rec["rows"], claims=claims, n_cases=rec["n_cases"],
                         figures=[d / n for n in rec["figures"]], mlflow_key=rec["mlflow_key"], key=key,
-                        items=rec.get("items", []), unassigned=rec.get("unassigned", {}))
+                        items=rec.get("items", []), unassigned=rec.get("unassigned", {}), methods=rec.get("methods"))
 
 
 def mlflow_up_to_date(uri: str, state_file: Path, mlflow_key: str) -> bool:

@@ -202,6 +202,37 @@ def joint_qkv(attn: nn.Module, kind: str, hidden_states: torch.Tensor, encoder_h
     return q, keys, ev, slice(0, t)
 
 
+def attention_output(attn: nn.Module, kind: str, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None, queries: str,
+                     chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """The joint attention output of the ``image`` or ``text`` tokens of a joint (SD3) / double-stream (Flux)
+    layer, before the output projection, heads concatenated: ``(B, n, H*d)`` in float32, recomputed from the
+    layer's own projections."""
+    heads = attn.heads
+    q_img = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
+    k_img = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
+    v_img = _heads(_proj(attn, hidden_states, "v"), heads)
+    q_txt = _norm(attn.norm_added_q, _heads(_added_proj(attn, encoder_hidden_states, "q"), heads))
+    k_txt = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
+    v_txt = _heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
+    t = q_txt.shape[2]
+    if kind == "sd3":
+        q_all, k_all, v_all = (torch.cat(p, dim=2) for p in ((q_img, q_txt), (k_img, k_txt), (v_img, v_txt)))
+        rows = slice(0, q_img.shape[2]) if queries == "image" else slice(q_img.shape[2], None)
+    elif kind == "flux-double":
+        q_all, k_all, v_all = (torch.cat(p, dim=2) for p in ((q_txt, q_img), (k_txt, k_img), (v_txt, v_img)))
+        if rotary is not None:
+            q_all, k_all = _rope(q_all, rotary), _rope(k_all, rotary)
+        rows = slice(t, None) if queries == "image" else slice(0, t)
+    else:
+        raise ValueError(f"attention outputs of {kind!r} layers are not defined for concepts")
+    q, k, v = q_all[:, :, rows].float(), k_all.float(), v_all.float()
+    scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
+    out = torch.cat([torch.matmul((torch.matmul(q[:, :, i:i + chunk], k.transpose(-1, -2)) * scale).softmax(-1), v)
+                     for i in range(0, q.shape[2], chunk)], dim=2)
+    return out.transpose(1, 2).flatten(2)
+
+
 def text_probabilities(q: torch.Tensor, keys: torch.Tensor, text: slice, scale: float, reading: str,
                        chunk: int = QUERY_CHUNK) -> torch.Tensor:
     """``(B, H, N_img, T)`` attention of image queries on the text keys in one of the :data:`READINGS`,
@@ -225,7 +256,7 @@ class JointTracingProcessor:
     ``observer(attn, q_img, text_keys, text_values, rows)``)."""
 
     def __init__(self, original, kind: str, recorder: LayerRecorder | None, rows: slice, reading: str = "joint",
-                 text_len: Callable[[], int | None] = lambda: None, observer=None) -> None:
+                 text_len: Callable[[], int | None] = lambda: None, observer=None, concepts=None) -> None:
         if reading not in READINGS:
             raise ValueError(f"unknown joint-attention reading {reading!r}; choose one of {list(READINGS)}")
         self.original = original
@@ -235,6 +266,7 @@ class JointTracingProcessor:
         self.reading = reading
         self.text_len = text_len
         self.observer = observer
+        self.concepts = concepts  # a ConceptStream (evalkit.trace.concept) for joint/double layers, or None
         self.n_calls = 0
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -247,8 +279,17 @@ class JointTracingProcessor:
         if attention_mask is not None:
             raise ValueError("evalkit does not trace joint attention with an attention mask (a padded text "
                              "mask): generate without one")
+        stream = self.concepts
         with torch.no_grad():
+            if stream is not None and stream.inner:  # the concepts' pass through this block: their output only
+                stream.o_c = attention_output(attn, self.kind, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                              "text")
+                return out
             self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+            if stream is not None and stream.state is not None:
+                rows = self.rows
+                stream.o_x = attention_output(attn, self.kind, hidden_states[rows], encoder_hidden_states[rows],
+                                              image_rotary_emb, "image")
         self.n_calls += 1
         return out
 
@@ -256,6 +297,8 @@ class JointTracingProcessor:
         rows = self.rows
         hs = hidden_states[rows]
         ehs = None if encoder_hidden_states is None else encoder_hidden_states[rows]
+        if self.recorder is None and self.observer is None:
+            return
         q, keys, values, text = joint_qkv(attn, self.kind, hs, ehs, rotary, self.text_len())
         if self.observer is not None:
             self.observer(attn, q, keys[:, :, text], values, slice(0, q.shape[0]))

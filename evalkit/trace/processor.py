@@ -17,7 +17,11 @@ STAT_DOCS: dict[str, str] = {
     "norm_sq": "sum over steps of (A[h, q, k] * ||v[h, k] W_O^h||_2)^2; (heads, Q, K)",
     "attn_steps": "per step, mean over heads of A[h, q, k]; (steps, Q, K)",
     "norm_steps": "per step, mean over heads of the norm contribution; (steps, Q, K)",
+    "concept": "MM-DiT only: sum over steps of ConceptAttention's softmax over concepts of o_x o_c^T; (1, Q, C), "
+               "C the concepts in settings['concepts'] (evalkit.trace.concept)",
 }
+#: Statistics the per-layer recorder accumulates (``concept`` comes from the concept stream).
+RECORDED_STATS = frozenset(STAT_DOCS) - {"concept"}
 
 
 class LayerRecorder:
@@ -35,9 +39,9 @@ class LayerRecorder:
 
     def __init__(self, stats: frozenset[str], cond_rows: slice | None = None,
                  out_weight: torch.Tensor | None = None) -> None:
-        unknown = set(stats) - set(STAT_DOCS)
+        unknown = set(stats) - RECORDED_STATS
         if unknown:
-            raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(STAT_DOCS)}")
+            raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(RECORDED_STATS)}")
         self.stats = stats
         self.cond_rows = cond_rows
         self.out_weight = out_weight  # the output projection of the values (default: attn.to_out[0].weight)

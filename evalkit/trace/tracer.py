@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .concept import DEFAULT_EXTRA, ConceptStream, concept_embeddings
 from .joint import READINGS, JointTracingProcessor, find_joint_attention_layers, is_mmdit, pipeline_tokenizer, t5_length
 from .layers import LayerInfo, find_cross_attention_layers
 from .processor import STAT_DOCS, LayerEdit, LayerRecorder, TracingAttnProcessor
@@ -140,14 +141,20 @@ class Tracer:
         edits: dict[str, LayerEdit] | None = None,
         observers: dict[str, object] | None = None,
         reading: str = "joint",
+        concept_embeddings: torch.Tensor | None = None,
     ) -> None:
         self.unet = unet
+        self.concept_embeddings = concept_embeddings
+        self.concepts: ConceptStream | None = None
         self.observers = dict(observers or {})
         self.stats = frozenset(stats)
         self.n_cond = n_cond
         self.cfg = cfg
         self.reading = reading
         self.joint = is_mmdit(unet)
+        if "concept" in self.stats and (not self.joint or concept_embeddings is None):
+            raise ValueError("the 'concept' statistic (ConceptAttention) needs an MM-DiT model (SD3, Flux) and "
+                             "concept embeddings; UNet models have no concept stream")
         self._joint_layers = find_joint_attention_layers(unet) if self.joint else []
         self.layers = ([(info, module) for info, module, _, _ in self._joint_layers] if self.joint
                        else find_cross_attention_layers(unet))
@@ -162,6 +169,7 @@ class Tracer:
         self.recorders: list[LayerRecorder] = []
         self._originals: list[tuple[torch.nn.Module, object]] = []
         self._hooks: list = []
+        self._joint_processors: list[JointTracingProcessor] = []
         self._text_len: int | None = None
 
     def __enter__(self) -> Tracer:
@@ -203,17 +211,25 @@ class Tracer:
             self._text_len = None if ehs is None else int(ehs.shape[1])
 
         self._hooks.append(self.unet.register_forward_pre_hook(note_text_len, with_kwargs=True))
+        recorded = self.stats - {"concept"}
+        if "concept" in self.stats:
+            blocks = [(i, block) for i, (_, _, kind, block) in enumerate(self._joint_layers) if kind != "flux-single"]
+            self.concepts = ConceptStream(self.unet, self.concept_embeddings, rows, blocks)
+            self.concepts.install()
         for info, module, kind, block in self._joint_layers:
             observer = self.observers.get(info.name)
-            if not self.stats and observer is None:
+            stream = self.concepts if kind != "flux-single" else None
+            if not recorded and observer is None and stream is None:
                 continue
             out_weight = None
             if kind == "flux-single":  # the attention output's columns of proj_out
                 out_weight = block.proj_out.weight[:, : module.heads * module.head_dim]
-            recorder = LayerRecorder(self.stats, None, out_weight) if self.stats else None
+            recorder = LayerRecorder(recorded, None, out_weight) if recorded else None
             self._originals.append((module, module.processor))
-            module.set_processor(JointTracingProcessor(module.processor, kind, recorder, rows, self.reading,
-                                                       lambda: self._text_len, observer))
+            processor = JointTracingProcessor(module.processor, kind, recorder, rows, self.reading,
+                                              lambda: self._text_len, observer, stream)
+            module.set_processor(processor)
+            self._joint_processors.append(processor)
             if recorder is not None:
                 self.recorders.append(recorder)
 
@@ -224,15 +240,26 @@ class Tracer:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self.concepts is not None:
+            self.concepts.remove()
 
     def n_steps(self) -> int:
         """Number of UNet calls seen (denoising steps); equal across layers."""
-        return self.recorders[0].n_calls if self.recorders else 0
+        if self.recorders:
+            return self.recorders[0].n_calls
+        return self._joint_processors[0].n_calls if self._joint_processors else 0
 
     def item_stats(self, item: int) -> dict[str, list[torch.Tensor]]:
         """Per-layer statistics of conditional batch item ``item``."""
         out: dict[str, list[torch.Tensor]] = {}
-        for name in sorted(self.stats):
+        if "concept" in self.stats:
+            sums = self.concepts.sums if self.concepts is not None else {}
+            if not sums:
+                raise RuntimeError("the pipeline never called the traced transformer: nothing was recorded")
+            shape = next(iter(sums.values())).shape[1:]
+            out["concept"] = [sums[i][item][None] if i in sums else torch.zeros((0, *shape))
+                              for i in range(len(self.layers))]
+        for name in sorted(self.stats - {"concept"}):
             per_layer = []
             for rec in self.recorders:
                 if name in rec.sums:
@@ -266,6 +293,7 @@ def generate(
     truncate: bool = False,
     interventions: Sequence = (),
     reading: str = "joint",
+    concepts: Sequence[str] | None = None,
 ) -> Generation:
     """Generate one image per prompt (batched in one pipeline call) and trace it.
 
@@ -273,7 +301,9 @@ def generate(
     noise does not depend on its batch neighbours or on the device. Works for SD 1.x/2.x and SDXL pipelines
     (SDXL's pooled embedding and time ids are the pipeline's own; token positions come from
     ``pipe.tokenizer``) and for SD3 and Flux (joint attention, read as ``reading``; text keys CLIP + T5 or T5,
-    see :mod:`evalkit.trace.joint`). Prompts longer than the context raise (see
+    see :mod:`evalkit.trace.joint`); the ``concept`` statistic (ConceptAttention, MM-DiT only) runs ``concepts``
+    (default: every word of the prompts plus "background") through the joint blocks, see
+    :mod:`evalkit.trace.concept`. Prompts longer than the context raise (see
     :func:`evalkit.trace.tokens.tokenize_prompt`). ``interventions`` (see
     :mod:`evalkit.interventions`) rewrite the prompt and/or edit attn2 layers; edits that depend
     on token positions must agree across the batch.
@@ -308,7 +338,16 @@ def generate(
     cfg = _uses_cfg(pipe, denoiser, guidance)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed_list]
     extra = {"max_sequence_length": t5_length(pipe)} if joint else {}
-    with Tracer(denoiser, stats, n_cond=len(prompts), cfg=cfg, edits=edits, reading=reading) as tracer:
+    concept_list, embeddings = None, None
+    if "concept" in set(stats):
+        if not joint:
+            raise ValueError(f"the 'concept' statistic (ConceptAttention) needs an MM-DiT model (SD3, Flux); "
+                             f"{type(denoiser).__name__} has no joint attention")
+        concept_list = list(dict.fromkeys(concepts if concepts is not None else [
+            w.text for tok in tokens for w in tok.words if w.text.isalnum()] + list(DEFAULT_EXTRA)))
+        embeddings = concept_embeddings(pipe, concept_list)
+    with Tracer(denoiser, stats, n_cond=len(prompts), cfg=cfg, edits=edits, reading=reading,
+                concept_embeddings=embeddings) as tracer:
         out = pipe(
             prompt=prompts,
             num_inference_steps=steps,
@@ -325,6 +364,8 @@ def generate(
                 "interventions": [iv.describe() for iv in interventions]}
     if joint:
         settings["reading"] = reading
+    if concept_list is not None:
+        settings["concepts"] = concept_list
     traces = [
         Trace(
             prompt=p,
