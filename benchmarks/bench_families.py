@@ -113,7 +113,8 @@ def _trace_and_attribute(pipe, heads: list[str], hrv: str | None, size: int, ste
                  generator=torch.Generator(device="cpu").manual_seed(SEED), output_type="pil").images[0]
     out["untraced_s"] = round(time.perf_counter() - t0, 2)
     methods = [create_method(name, **({"hrv": _hrv(hrv, heads)} if name == "hrv-selective" else {}))
-               for name in available_methods() if get_method_class(name).__module__.startswith("evalkit.")]
+               for name in available_methods() if get_method_class(name).__module__.startswith("evalkit.")
+               and "unet" in get_method_class(name).backbones]
     stats = set().union(*(m.needs for m in methods))
     t0 = time.perf_counter()
     gen = generate(pipe, PROMPT, seeds=SEED, steps=steps, guidance=7.5, height=size, width=size, stats=stats)

@@ -160,6 +160,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
             preflight.check_hrv_heads(hrv, heads, "hrv-selective", args.model)
             if "concept" not in hp and "Animals" not in hrv.vectors:  # the default concept: take the file's
                 hp["concept"] = next(iter(hrv.vectors))
+            if "k" not in hp and len(hrv.heads) < 30:  # the default 30 heads of SD's 128: the same share (23 %)
+                hp["k"] = 0.23
     methods = [preflight.build("method", name, params[name], f"--param {given[name]}" if given[name]
                                else f"--methods {name}") for name in method_names]
     pipe = load(args.model, scheduler=args.scheduler, dtype=args.dtype, device=args.device)

@@ -12,6 +12,7 @@ class UpBlocksAttention(AttributionMethod):
     clamped at 0, mean over the up-block (layer, head) pairs only."""
 
     needs = frozenset({"attn"})
+    backbones = frozenset({"unet"})  # up blocks exist in UNets; an MM-DiT (SD3, Flux) has none
     summary = "Up-attn (example): DAAM-style aggregation over up-block heads only"
 
     def token_maps(self, trace, positions):

@@ -160,7 +160,8 @@ def test_every_method_attributes_a_word_on_every_family(pipes, name):
     from evalkit.methods import get_method_class
 
     # the built-ins only: other tests register deliberately broken methods in the same process
-    builtins = [m for m in available_methods() if get_method_class(m).__module__.startswith("evalkit.")]
+    builtins = [m for m in available_methods() if get_method_class(m).__module__.startswith("evalkit.")
+                and "unet" in get_method_class(m).backbones]  # concept-attention: MM-DiT only (test_mmdit.py)
     stats = set().union(*(create_method(m, **({"hrv": "sd14"} if m == "hrv-selective" else {})).needs
                           for m in builtins))
     trace = generate(pipes[name], PROMPT, seeds=SEED, steps=STEPS, height=SIZE, width=SIZE, stats=stats).traces[0]

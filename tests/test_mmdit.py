@@ -208,3 +208,30 @@ def test_attribute_and_a_suite_run_on_mmdit_models(model, tmp_path, monkeypatch)
     assert main(run) in (0, 1)  # 1: a claim failed (random weights); never 2 or 3
     reports = list((tmp_path / "reports" / "task-a").glob("*/results.json"))
     assert reports, "the suite wrote no results"
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_hrvs_are_built_through_the_concept_stream_and_ship_with_the_fixture(model):
+    """evalkit's own HRV construction on an MM-DiT: deterministic, one entry per head of the model (the head list
+    `hrv: model` matches), each concept's vector sums to the number of heads; Flux single-stream heads get no
+    votes. The shipped hrv.json is exactly what the construction gives."""
+    import sys
+    from pathlib import Path
+
+    from evalkit.methods import HeadRelevance, hrv_for_model
+    from evalkit.trace import model_head_names
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from build_tiny_sd import fixture_hrv
+
+    pipe = load(model)
+    built = fixture_hrv(pipe, model)
+    heads = model_head_names(model)
+    assert list(built.heads) == heads
+    for vector in built.vectors.values():
+        assert abs(sum(vector) - len(heads)) < 1e-6 or sum(vector) == 0
+    if model == "tiny-flux":
+        single = [i for i, h in enumerate(heads) if h.startswith("single")]
+        assert single and all(v[i] == 0 for v in built.vectors.values() for i in single)
+    shipped = HeadRelevance.load(hrv_for_model(model, heads))
+    assert shipped.vectors == built.vectors and list(shipped.heads) == heads

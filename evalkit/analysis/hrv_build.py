@@ -17,7 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..methods.hrv import HeadRelevance
-from ..trace import Tracer, find_cross_attention_layers
+from ..trace import Tracer, default_image_hw, find_cross_attention_layers, find_joint_attention_layers, is_mmdit
+from ..trace.concept import concept_embeddings
+from ..trace.joint import t5_length
 
 
 @torch.no_grad()
@@ -76,6 +78,10 @@ def build_hrv(
     if not prompts:
         raise ValueError("give at least one prompt to generate from")
     names = list(concepts)
+    if getattr(pipe, "unet", None) is None and is_mmdit(getattr(pipe, "transformer", None)):
+        return _build_hrv_mmdit(pipe, concepts, prompts, n_generations=n_generations, seed=seed, steps=steps,
+                                guidance=guidance, height=height, width=width, model_name=model_name,
+                                progress=progress)
     layers = find_cross_attention_layers(pipe.unet)
     total = {info.name: torch.zeros(len(names), info.heads, dtype=torch.long) for info, _ in layers}
     scale = int(getattr(pipe, "vae_scale_factor", 8))
@@ -105,6 +111,52 @@ def build_hrv(
     sums = counts.sum(dim=1, keepdim=True)
     vectors = torch.where(sums > 0, counts / sums.clamp(min=1) * n_heads, counts)
     heads = [n for info, _ in layers for n in info.head_names()]
+    return HeadRelevance(
+        model=model_name,
+        heads=tuple(heads),
+        vectors={c: tuple(float(v) for v in vectors[i]) for i, c in enumerate(names)},
+        words={c: tuple(concepts[c]) for c in names},
+    )
+
+
+def _build_hrv_mmdit(pipe, concepts: Mapping[str, Sequence[str]], prompts: Sequence[str], *, n_generations: int,
+                     seed: int, steps: int, guidance: float, height: int | None, width: int | None, model_name: str,
+                     progress: bool) -> HeadRelevance:
+    """:func:`build_hrv` on SD3 / Flux. An MM-DiT has no fixed text-key projection: a layer's text keys come
+    from the text stream as the earlier blocks made it. So each generation's concept-words travel as concept
+    tokens through the joint (SD3) / double-stream (Flux) blocks, as ConceptAttention's do (one token per word,
+    T5 mean over pieces; they never influence the image, see :mod:`evalkit.trace.concept`), and at each layer
+    and step the image queries attend over those concept tokens' keys (softmax over concepts); the spatial
+    mean decides the head's vote, as on a UNet. Flux's single-stream heads carry no concept tokens and get no
+    votes (relevance 0)."""
+    names = list(concepts)
+    layers = find_joint_attention_layers(pipe.transformer)
+    counts = [torch.zeros(len(names), info.heads, dtype=torch.long) for info, *_ in layers]
+    default_h, default_w = default_image_hw(pipe)
+    height, width = height or default_h, width or default_w
+    cfg = guidance > 1.0 and type(pipe.transformer).__name__ != "FluxTransformer2DModel"
+
+    def vote(index: int, attn, q_img: torch.Tensor, keys: torch.Tensor) -> None:
+        scale = float(getattr(attn, "scale", q_img.shape[-1] ** -0.5))
+        probs = (torch.matmul(q_img.float(), keys.float().transpose(-1, -2)) * scale).softmax(dim=-1)  # (B,H,N,C)
+        winners = probs.mean(dim=2).argmax(dim=-1)  # (B, H)
+        for b in range(winners.shape[0]):
+            counts[index][winners[b], torch.arange(winners.shape[1])] += 1
+
+    for g in tqdm(range(n_generations), desc="HRV generations", disable=not progress):
+        rng = random.Random(seed + g)
+        words = [rng.choice(list(concepts[c])) for c in names]
+        embeddings = concept_embeddings(pipe, words)
+        gen = torch.Generator(device="cpu").manual_seed(seed + g)
+        with Tracer(pipe.transformer, ("concept",), n_cond=1, cfg=cfg, concept_embeddings=embeddings) as tracer:
+            tracer.concepts.key_observer = vote
+            pipe(prompts[g % len(prompts)], num_inference_steps=steps, guidance_scale=guidance, height=height,
+                 width=width, generator=gen, output_type="latent", max_sequence_length=t5_length(pipe))
+    total = torch.cat(counts, dim=1).double()
+    n_heads = total.shape[1]
+    sums = total.sum(dim=1, keepdim=True)
+    vectors = torch.where(sums > 0, total / sums.clamp(min=1) * n_heads, total)
+    heads = [n for info, *_ in layers for n in info.head_names()]
     return HeadRelevance(
         model=model_name,
         heads=tuple(heads),

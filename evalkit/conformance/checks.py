@@ -208,7 +208,7 @@ def _check_all_positions(s: Subject, word: str, kind: str, first: list[int]) -> 
     method = s.method
     t = s.trace()
     positions = t.tokens.positions(word)
-    pieces = t.tokens.pieces
+    pieces = _pieces_by_key(t.tokens)
     with _spy_token_maps(method) as calls:
         att = method.attribute(t, [word])
     m = word_map(att, word)
@@ -243,8 +243,24 @@ def _check_all_positions(s: Subject, word: str, kind: str, first: list[int]) -> 
                         "in token_maps, compute each position's map from that position's own statistics")
 
 
+def _pieces_by_key(tokens) -> dict[int, str]:
+    """Text-key position -> token piece; an MM-DiT's keys hold several tokenizers' sequences end to end."""
+    parts = getattr(tokens, "parts", None)
+    if parts is None:
+        return dict(enumerate(tokens.pieces))
+    return {offset + i: piece for _, part, offset in parts for i, piece in enumerate(part.pieces)}
+
+
+def _token_level(s: Subject) -> None:
+    """Token-position invariants hold for methods built on token_maps; a method that declares
+    ``token_level = False`` (ConceptAttention: one map per concept, not per token) is not checked by them."""
+    if not getattr(type(s.method), "token_level", True):
+        raise NotApplicable(f"{s.label} declares token_level = False: it attributes concepts, not token positions")
+
+
 def check_repeated_words(s: Subject) -> None:
     """A word that occurs twice gets one map from both occurrences (PromptTokens.positions merges them)."""
+    _token_level(s)
     s.attribution()
     word = s.probe.repeated
     _check_all_positions(s, word, "occurrence", s.pristine.tokens.positions(word, occurrence=0))
@@ -252,6 +268,7 @@ def check_repeated_words(s: Subject) -> None:
 
 def check_multi_token_words(s: Subject) -> None:
     """A word the tokenizer splits into several pieces gets one map from all of them."""
+    _token_level(s)
     s.attribution()
     word = s.probe.multi_token
     _check_all_positions(s, word, "piece", s.pristine.tokens.positions(word)[:1])

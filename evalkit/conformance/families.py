@@ -20,8 +20,9 @@ def trace_sd_unet(model: str, family: ModelFamily) -> Trace:
 
     torch.manual_seed(0)  # random-weight fixtures draw nothing, but keep any lazy init reproducible
     pipe = load(model)
+    stats = sorted(STAT_DOCS) if family.backbone == "transformer" else sorted(set(STAT_DOCS) - {"concept"})
     gen = generate(pipe, family.prompt, seeds=0, steps=family.steps, guidance=7.5, height=family.size,
-                   width=family.size, stats=sorted(STAT_DOCS))
+                   width=family.size, stats=stats)
     return gen.traces[0]
 
 
@@ -39,15 +40,43 @@ class ModelFamily:
     size: int = 64
     steps: int = 1
     tracer: Callable[[str, ModelFamily], Trace] = trace_sd_unet
+    backbone: str = "unet"  # or "transformer" (MM-DiT); a method runs on the families its ``backbones`` name
 
 
-#: Every family evalkit supports; a new family (SDXL, MM-DiT) is one more entry.
+#: Every family evalkit supports; a new family is one more entry. Every pipeline goes through
+#: :func:`evalkit.trace.generate`, so one tracer serves them all.
 FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
         name="sd1",
         description="Stable Diffusion 1.x UNet with a CLIP BPE text encoder",
         models=("tiny-sd", "shapesworld"),  # 8x8 latent with attn2 at 1..1/8 side, and 16x16 at 1..1/2
         prompt="a red circle beside a blue hexagon and a circle",  # "circle" twice, "hexagon" = hex + agon
+    ),
+    ModelFamily(
+        name="sd2",
+        description="Stable Diffusion 2.x UNet (v-prediction, linear projections, per-block head counts)",
+        models=("tiny-sd2",),
+        prompt="a red circle beside a blue hexagon and a circle",
+    ),
+    ModelFamily(
+        name="sdxl",
+        description="SDXL UNet with two CLIP text encoders (positions from the first)",
+        models=("tiny-sdxl",),
+        prompt="a red circle beside a blue hexagon and a circle",
+    ),
+    ModelFamily(
+        name="sd3",
+        description="SD3 MM-DiT: joint attention over CLIP (77) + T5 text keys",
+        models=("tiny-sd3",),
+        prompt="a red circle beside a blue hexagon and a circle",  # words and pieces from the CLIP part
+        backbone="transformer",
+    ),
+    ModelFamily(
+        name="flux",
+        description="FLUX.1 MM-DiT: double- and single-stream joint attention over T5 text keys, RoPE",
+        models=("tiny-flux",),
+        prompt="a red circle beside a blue quokka and a circle",  # "quokka": several pieces of the built T5 vocab
+        backbone="transformer",
     ),
 )
 

@@ -36,7 +36,10 @@ class Conformance:
         self.label = method_label(self.cls)
         self.params = dict(params or {})
         check_param_names(self.cls, self.params)
-        self.models = list(dict.fromkeys(models)) if models else all_models()
+        backbones = getattr(self.cls, "backbones", frozenset({"unet", "transformer"}))
+        # default: every model of every family the method declares it runs on (ConceptAttention: MM-DiT only)
+        self.models = list(dict.fromkeys(models)) if models else [
+            m for m in all_models() if family_of(m).backbone in backbones]
         for model in self.models:
             family_of(model)
         self._subjects: dict[str, Subject] = {}
@@ -56,6 +59,14 @@ class Conformance:
         if invariant not in _BY_NAME:
             raise ValueError(f"unknown invariant {invariant!r}; invariants: {', '.join(INVARIANT_NAMES)}")
         inv = _BY_NAME[invariant]
+        family = family_of(model)
+        backbones = getattr(self.cls, "backbones", frozenset({"unet", "transformer"}))
+        if family.backbone not in backbones:
+            result = CheckResult(self.label, invariant, model, SKIPPED,
+                                 f"not checked: the method declares backbones {sorted(backbones)}; {model} "
+                                 f"({family.name}) is a {family.backbone} model")
+            self._results[key] = result
+            return result
         subject = self.subject(model)
         try:
             inv.check(subject)

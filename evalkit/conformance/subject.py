@@ -128,7 +128,8 @@ def _registered(cls: type[AttributionMethod]) -> bool:
 def model_params(cls: type[AttributionMethod], model: str, trace: Trace, params: dict) -> dict:
     """Defaults that depend on the model: a method taking head relevance vectors (``hrv``) gets the
     model's own (as ``evalkit attribute`` finds them), else synthetic ones over the model's heads, since
-    the checks test behaviour, not relevance; an absent default ``concept`` becomes the file's first."""
+    the checks test behaviour, not relevance; an absent default ``concept`` becomes the file's first, and a default
+    head count ``k`` larger than the model's becomes the same share of its heads as of SD 1.x's 128."""
     from ..preflight import hrv_for_model
 
     params = dict(params)
@@ -142,6 +143,9 @@ def model_params(cls: type[AttributionMethod], model: str, trace: Trace, params:
     concept = sig["concept"].default if "concept" in sig else None
     if "concept" in sig and "concept" not in params and concept not in hrv.vectors:
         params["concept"] = next(iter(hrv.vectors))
+    k = sig["k"].default if "k" in sig else None
+    if "k" not in params and isinstance(k, int) and k > len(heads):  # 30 of 12 heads (tiny-sd3): the same share
+        params["k"] = round(k / 128, 2)  # of the heads as k of SD 1.x's 128 (k < 1 is a fraction of the heads)
     return params
 
 

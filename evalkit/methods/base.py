@@ -96,6 +96,9 @@ class AttributionMethod:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: Denoisers the method works on: "unet" (SD 1.x/2.x, SDXL) and/or "transformer" (MM-DiT: SD3, Flux).
     backbones: ClassVar[frozenset[str]] = frozenset({"unet", "transformer"})
+    #: False for methods whose maps are not means of per-token maps (the conformance kit then skips the
+    #: repeated-word and multi-token invariants); such a method overrides :meth:`attribute`.
+    token_level: ClassVar[bool] = True
     summary: ClassVar[str] = ""
     upsample: ClassVar[str] = "bicubic"
 

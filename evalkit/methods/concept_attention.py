@@ -24,6 +24,7 @@ class ConceptAttention(AttributionMethod):
 
     needs = frozenset({"concept"})
     backbones = frozenset({"transformer"})
+    token_level = False  # one map per concept (a word of the prompt), not a mean of token maps
     summary = "ConceptAttention: softmax over concepts of image x concept attention outputs (MM-DiT only)"
     upsample = "bilinear"
 

@@ -66,6 +66,11 @@ class ConceptStream:
         self.o_x: torch.Tensor | None = None
         self.o_c: torch.Tensor | None = None
         self.sums: dict[int, torch.Tensor] = {}  # layer index -> (1, N, C)
+        #: optional ``key_observer(layer index, attn, q_img (B, H, N, d), concept keys (B, H, C, d))``, called in
+        #: each block's concept pass: HRV construction on MM-DiT votes with it (evalkit.analysis.hrv_build)
+        self.key_observer = None
+        self.q_img: torch.Tensor | None = None
+        self.current: int | None = None
         self._block_inputs: dict = {}
         self._hooks: list = []
 
@@ -120,10 +125,12 @@ class ConceptStream:
             c = self.state.shape[1]
             kwargs["image_rotary_emb"] = tuple(torch.cat([e[:1].expand(c, -1), e[t:]]) for e in rotary)
         self.inner = True
+        self.current = index
         try:
             out = block(**kwargs)
         finally:
             self.inner = False
+            self.q_img = None
         new_state = out[0]
         if self.o_x is not None and self.o_c is not None:
             scores = torch.matmul(self.o_x.float(), self.o_c.float().transpose(-1, -2))  # (B, N, C)

@@ -284,10 +284,16 @@ class JointTracingProcessor:
             if stream is not None and stream.inner:  # the concepts' pass through this block: their output only
                 stream.o_c = attention_output(attn, self.kind, hidden_states, encoder_hidden_states, image_rotary_emb,
                                               "text")
+                if stream.key_observer is not None and stream.q_img is not None:
+                    keys = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), attn.heads))
+                    stream.key_observer(stream.current, attn, stream.q_img, keys)
                 return out
             self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
             if stream is not None and stream.state is not None:
                 rows = self.rows
+                if stream.key_observer is not None:
+                    stream.q_img = joint_qkv(attn, self.kind, hidden_states[rows], encoder_hidden_states[rows],
+                                             image_rotary_emb, None)[0]
                 stream.o_x = attention_output(attn, self.kind, hidden_states[rows], encoder_hidden_states[rows],
                                               image_rotary_emb, "image")
         self.n_calls += 1
