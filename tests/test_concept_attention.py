@@ -78,7 +78,8 @@ def test_maps_and_stream_equal_the_papers_formula_on_a_hand_built_block():
     out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (1, H, S, d)
     out = out.transpose(1, 2).flatten(2)
     o_x, o_c = out[:, :n], out[:, n + t :]
-    phi = (o_x @ o_c.transpose(-1, -2)).softmax(-1)
+    # the output space: each stream's own output projection (image: to_out[0]; concepts: the text stream's)
+    phi = (attn.to_out[0](o_x) @ attn.to_add_out(o_c).transpose(-1, -2)).softmax(-1)
     torch.testing.assert_close(stream.sums[0], phi, rtol=1e-5, atol=1e-6)
 
     # the concept residual stream after the block: the text stream's gates, output projection and MLP

@@ -125,7 +125,7 @@ def _build_hrv_mmdit(pipe, concepts: Mapping[str, Sequence[str]], prompts: Seque
     """:func:`build_hrv` on SD3 / Flux. An MM-DiT has no fixed text-key projection: a layer's text keys come
     from the text stream as the earlier blocks made it. So each generation's concept-words travel as concept
     tokens through the joint (SD3) / double-stream (Flux) blocks, as ConceptAttention's do (one token per word,
-    T5 mean over pieces; they never influence the image, see :mod:`evalkit.trace.concept`), and at each layer
+    the first T5 token; they never influence the image, see :mod:`evalkit.trace.concept`), and at each layer
     and step the image queries attend over those concept tokens' keys (softmax over concepts); the spatial
     mean decides the head's vote, as on a UNet. Flux's single-stream heads carry no concept tokens and get no
     votes (relevance 0)."""
@@ -146,9 +146,10 @@ def _build_hrv_mmdit(pipe, concepts: Mapping[str, Sequence[str]], prompts: Seque
     for g in tqdm(range(n_generations), desc="HRV generations", disable=not progress):
         rng = random.Random(seed + g)
         words = [rng.choice(list(concepts[c])) for c in names]
-        embeddings = concept_embeddings(pipe, words)
+        embeddings, pooled = concept_embeddings(pipe, words)
         gen = torch.Generator(device="cpu").manual_seed(seed + g)
-        with Tracer(pipe.transformer, ("concept",), n_cond=1, cfg=cfg, concept_embeddings=embeddings) as tracer:
+        with Tracer(pipe.transformer, ("concept",), n_cond=1, cfg=cfg, concept_embeddings=embeddings,
+                    concept_pooled=pooled) as tracer:
             tracer.concepts.key_observer = vote
             pipe(prompts[g % len(prompts)], num_inference_steps=steps, guidance_scale=guidance, height=height,
                  width=width, generator=gen, output_type="latent", max_sequence_length=t5_length(pipe))

@@ -19,7 +19,8 @@ class ConceptAttention(AttributionMethod):
     Per layer and step, each image token's attention output ``o_x`` is compared with every concept's
     ``o_c`` in the attention output space, ``phi = softmax over concepts (o_x . o_c)``; the word's map is
     phi of its concept averaged over steps and over the joint (SD3) / double-stream (Flux) layers, or only
-    the last ``last_layers`` of them (0: all). Patch grid to latent grid: bilinear; to image size: bilinear.
+    the last ``last_layers`` of them (0: all; the authors' Flux code takes double-stream blocks 10-17 of 19).
+    Patch grid to latent grid: bilinear; to image size: bilinear.
     Definition and the choice of space: :mod:`evalkit.trace.concept`. MM-DiT models only."""
 
     needs = frozenset({"concept"})

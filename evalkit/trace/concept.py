@@ -3,17 +3,21 @@
 Concept tokens (one per concept word) travel through the joint-attention blocks beside the image and prompt
 tokens without influencing them:
 
-1. Each concept is encoded on its own by the pipeline's T5 (mean over its pieces, end token dropped) and
-   mapped into the transformer's width by its ``context_embedder``, as prompt tokens are.
+1. Each concept is encoded on its own by the pipeline's T5 and its first token kept, then mapped into the
+   transformer's width by its ``context_embedder``, as prompt tokens are. Their adaLN modulation comes from
+   the timestep and the pooled CLIP embedding of the concepts joined by spaces (the transformer's own
+   ``time_text_embed``), as in the authors' implementation.
 2. In every joint (SD3) / double-stream (Flux) block, the concepts go through the block's *text-stream*
-   weights (adaLN modulation from the same timestep embedding, ``add_q/k/v_proj``, ``to_add_out``,
-   ``ff_context``). Their queries attend over the image keys and the concept keys only
-   (one-directional: no image or prompt token attends to a concept, so the image is unchanged); this is
-   exactly the block's own forward with the concepts in the place of the prompt, which is how it is run.
-3. The maps live in the attention *output* space: with ``o_x`` (N x D) the image tokens' attention output
-   and ``o_c`` (C x D) the concepts' (both before the output projections, heads concatenated: both are
-   mixtures of the same image value vectors), a layer's map is ``phi = softmax over concepts (o_x o_c^T)``,
-   per step. The ``concept`` statistic is ``sum over steps of phi`` per layer, ``(1, N, C)``; Flux's
+   weights (``norm1_context``, ``add_q/k/v_proj``, ``to_add_out``, ``ff_context``). Their queries attend over
+   the image keys and the concept keys only (one-directional: no image or prompt token attends to a concept,
+   so the image is unchanged); this is the block's own forward with the concepts in the place of the prompt,
+   which is how it is run. Flux's concept tokens carry text position ids 0 (no rotation).
+3. The maps live in the attention *output* space: ``o_x`` (N x D), the image tokens' attention output through
+   the image output projection (``to_out[0]``), against ``o_c`` (C x D), the concepts' through the text output
+   projection (``to_add_out``; SD3's last block has none, so there the raw output): per layer and step,
+   ``phi = softmax over concepts (o_x o_c^T)``, the paper's definition. (The authors' released code applies
+   its softmax over the last axis of a (concepts, patches) array, i.e. over patches; evalkit keeps the paper's
+   reading.) The ``concept`` statistic is ``sum over steps of phi`` per layer, ``(1, N, C)``; Flux's
    single-stream blocks carry no concepts and hold an empty ``(0, N, C)``.
 
 The softmax runs over the concept list, so the maps of a word depend on its competitors: by default every
@@ -32,22 +36,27 @@ DEFAULT_EXTRA = ("background",)
 
 
 @torch.no_grad()
-def concept_embeddings(pipe, concepts: Sequence[str]) -> torch.Tensor:
-    """``(C, D_text)`` T5 embeddings of each concept encoded on its own (mean over its pieces, end token
-    dropped): SD3's ``text_encoder_3`` or Flux's ``text_encoder_2``."""
+def concept_embeddings(pipe, concepts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C, D_text)`` T5 embeddings of the concepts, each encoded on its own with its first token kept (SD3's
+    ``text_encoder_3``, Flux's ``text_encoder_2``), and ``(D_pooled,)``, the pipeline's pooled CLIP embedding of
+    the concepts joined by spaces (what the concepts' adaLN modulation is computed from)."""
     sd3 = type(pipe.transformer).__name__ == "SD3Transformer2DModel"
     tokenizer = pipe.tokenizer_3 if sd3 else pipe.tokenizer_2
     encoder = pipe.text_encoder_3 if sd3 else pipe.text_encoder_2
     if tokenizer is None or encoder is None:
         raise ValueError("ConceptAttention encodes concepts with the pipeline's T5 encoder, which this pipeline "
                          "does not have")
-    out = []
+    firsts = []
     for concept in concepts:
         ids = tokenizer(concept, add_special_tokens=True, return_tensors="pt")["input_ids"].to(encoder.device)
-        states = encoder(ids)[0][0]  # (n, D)
-        keep = states[:-1] if ids.shape[1] > 1 and int(ids[0, -1]) == tokenizer.eos_token_id else states
-        out.append(keep.mean(0))
-    return torch.stack(out)
+        firsts.append(encoder(ids)[0][0, 0])
+    joined = " ".join(concepts)
+    if sd3:
+        pooled = pipe.encode_prompt(prompt=joined, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+                                    max_sequence_length=8)[2]
+    else:
+        pooled = pipe.encode_prompt(prompt=joined, prompt_2=None, max_sequence_length=8)[1]
+    return torch.stack(firsts), pooled[0]
 
 
 class ConceptStream:
@@ -56,9 +65,11 @@ class ConceptStream:
     JointTracingProcessor` (``image_output``/``concept_output``)."""
 
     def __init__(self, transformer: nn.Module, embeddings: torch.Tensor, rows: slice,
-                 blocks: Sequence[tuple[int, nn.Module]]) -> None:
+                 blocks: Sequence[tuple[int, nn.Module]], pooled: torch.Tensor | None = None) -> None:
         self.transformer = transformer
         self.embeddings = embeddings  # (C, D_text)
+        self.pooled = pooled  # (D_pooled,): the concepts' own adaLN conditioning; None: the image's temb
+        self.temb: torch.Tensor | None = None
         self.rows = rows
         self.blocks = list(blocks)  # (layer index, block) of the joint / double blocks
         self.state: torch.Tensor | None = None  # (B, C, D) the concept residual stream
@@ -76,7 +87,7 @@ class ConceptStream:
 
     def install(self) -> None:
         """Hook the transformer (start a fresh stream each call) and the blocks (run the concepts after each)."""
-        self._hooks.append(self.transformer.register_forward_pre_hook(self._start))
+        self._hooks.append(self.transformer.register_forward_pre_hook(self._start, with_kwargs=True))
         for index, block in self.blocks:
             self._hooks.append(block.register_forward_pre_hook(self._remember, with_kwargs=True))
             self._hooks.append(block.register_forward_hook(self._make_after(index)))
@@ -86,11 +97,27 @@ class ConceptStream:
             hook.remove()
         self._hooks = []
 
-    def _start(self, module, args) -> None:
+    def _start(self, module, args, kwargs) -> None:
         ref = self.transformer.context_embedder.weight
         emb = self.transformer.context_embedder(self.embeddings.to(ref.device, ref.dtype))
         n = self._n_rows()
         self.state = emb[None].expand(n, -1, -1).clone() if n else None
+        self.temb = None if self.pooled is None or not n else self._concept_temb(kwargs, n)
+
+    def _concept_temb(self, kwargs: dict, n: int) -> torch.Tensor:
+        """The transformer's timestep embedding with the concepts' pooled embedding, for the conditional rows,
+        computed as the transformer's own forward computes its ``temb`` (Flux: timestep and guidance x 1000)."""
+        t = self.transformer
+        ref = t.context_embedder.weight
+        timestep = kwargs["timestep"][self.rows]
+        pooled = self.pooled.to(ref.device, ref.dtype)[None].expand(n, -1)
+        if type(t).__name__ == "FluxTransformer2DModel":
+            timestep = timestep.to(ref.dtype) * 1000
+            guidance = kwargs.get("guidance")
+            if guidance is not None:
+                return t.time_text_embed(timestep, guidance[self.rows].to(ref.dtype) * 1000, pooled)
+            return t.time_text_embed(timestep, pooled)
+        return t.time_text_embed(timestep, pooled)
 
     def _n_rows(self) -> int:
         start, stop = self.rows.start or 0, self.rows.stop
@@ -117,8 +144,8 @@ class ConceptStream:
         real image tokens were computed without them), then the layer's map from the two attention outputs."""
         inputs = self._block_inputs
         rows = self.rows
-        kwargs = {"hidden_states": inputs["hidden_states"][rows], "encoder_hidden_states": self.state,
-                  "temb": inputs["temb"][rows]}
+        temb = self.temb if self.temb is not None else inputs["temb"][rows]
+        kwargs = {"hidden_states": inputs["hidden_states"][rows], "encoder_hidden_states": self.state, "temb": temb}
         rotary = inputs.get("image_rotary_emb")
         if rotary is not None:  # Flux: text positions carry id 0 (no rotation); the image keeps its own
             t = int(inputs["encoder_hidden_states"].shape[1])

@@ -206,8 +206,8 @@ def attention_output(attn: nn.Module, kind: str, hidden_states: torch.Tensor, en
                      rotary: tuple[torch.Tensor, torch.Tensor] | None, queries: str,
                      chunk: int = QUERY_CHUNK) -> torch.Tensor:
     """The joint attention output of the ``image`` or ``text`` tokens of a joint (SD3) / double-stream (Flux)
-    layer, before the output projection, heads concatenated: ``(B, n, H*d)`` in float32, recomputed from the
-    layer's own projections."""
+    layer through its output projection (image: ``to_out[0]``; text: ``to_add_out``, absent in SD3's last block,
+    where the output stays unprojected): ``(B, n, D)`` in float32, recomputed from the layer's own weights."""
     heads = attn.heads
     q_img = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
     k_img = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
@@ -230,7 +230,11 @@ def attention_output(attn: nn.Module, kind: str, hidden_states: torch.Tensor, en
     scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
     out = torch.cat([torch.matmul((torch.matmul(q[:, :, i:i + chunk], k.transpose(-1, -2)) * scale).softmax(-1), v)
                      for i in range(0, q.shape[2], chunk)], dim=2)
-    return out.transpose(1, 2).flatten(2)
+    out = out.transpose(1, 2).flatten(2)
+    proj = attn.to_out[0] if queries == "image" else getattr(attn, "to_add_out", None)
+    if proj is None or (queries == "text" and getattr(attn, "context_pre_only", False)):
+        return out
+    return torch.nn.functional.linear(out, proj.weight.float(), None if proj.bias is None else proj.bias.float())
 
 
 def text_probabilities(q: torch.Tensor, keys: torch.Tensor, text: slice, scale: float, reading: str,

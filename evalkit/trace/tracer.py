@@ -142,9 +142,11 @@ class Tracer:
         observers: dict[str, object] | None = None,
         reading: str = "joint",
         concept_embeddings: torch.Tensor | None = None,
+        concept_pooled: torch.Tensor | None = None,
     ) -> None:
         self.unet = unet
         self.concept_embeddings = concept_embeddings
+        self.concept_pooled = concept_pooled
         self.concepts: ConceptStream | None = None
         self.observers = dict(observers or {})
         self.stats = frozenset(stats)
@@ -214,7 +216,7 @@ class Tracer:
         recorded = self.stats - {"concept"}
         if "concept" in self.stats:
             blocks = [(i, block) for i, (_, _, kind, block) in enumerate(self._joint_layers) if kind != "flux-single"]
-            self.concepts = ConceptStream(self.unet, self.concept_embeddings, rows, blocks)
+            self.concepts = ConceptStream(self.unet, self.concept_embeddings, rows, blocks, self.concept_pooled)
             self.concepts.install()
         for info, module, kind, block in self._joint_layers:
             observer = self.observers.get(info.name)
@@ -338,16 +340,16 @@ def generate(
     cfg = _uses_cfg(pipe, denoiser, guidance)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed_list]
     extra = {"max_sequence_length": t5_length(pipe)} if joint else {}
-    concept_list, embeddings = None, None
+    concept_list, embeddings, pooled = None, None, None
     if "concept" in set(stats):
         if not joint:
             raise ValueError(f"the 'concept' statistic (ConceptAttention) needs an MM-DiT model (SD3, Flux); "
                              f"{type(denoiser).__name__} has no joint attention")
         concept_list = list(dict.fromkeys(concepts if concepts is not None else [
             w.text for tok in tokens for w in tok.words if w.text.isalnum()] + list(DEFAULT_EXTRA)))
-        embeddings = concept_embeddings(pipe, concept_list)
+        embeddings, pooled = concept_embeddings(pipe, concept_list)
     with Tracer(denoiser, stats, n_cond=len(prompts), cfg=cfg, edits=edits, reading=reading,
-                concept_embeddings=embeddings) as tracer:
+                concept_embeddings=embeddings, concept_pooled=pooled) as tracer:
         out = pipe(
             prompt=prompts,
             num_inference_steps=steps,
