@@ -274,7 +274,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from .tracking import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
+    print(f"MLflow UI for {uri}: open http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning "
+          "(MLflow's model-training view, where an experiment opens on its runs table; docs/mlflow.md)")
     return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                             "--port", str(args.port)])
 
