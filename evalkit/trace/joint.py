@@ -169,24 +169,30 @@ def _norm(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return x if module is None else module(x)
 
 
+def _streams(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, image_v: bool = True):
+    """The image stream's q, k (normed) and v (None unless ``image_v``), and the text stream's k (normed) and v,
+    as ``(B, H, n, d)``."""
+    heads = attn.heads
+    q = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
+    k = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
+    v = _heads(_proj(attn, hidden_states, "v"), heads) if image_v else None
+    ek = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
+    ev = _heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
+    return q, k, v, ek, ev
+
+
 def joint_qkv(attn: nn.Module, kind: str, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
               rotary: tuple[torch.Tensor, torch.Tensor] | None, text_len: int | None):
     """Image queries ``(B, H, N_img, d)``, all keys ``(B, H, S, d)``, text values ``(B, H, T, d)`` and the text
     keys' slice of ``S``, recomputed from the layer's own projections in the processor's order."""
     heads = attn.heads
     if kind == "sd3":
-        q = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
-        k = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
-        ek = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
-        ev = _heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
+        q, k, _, ek, ev = _streams(attn, hidden_states, encoder_hidden_states, image_v=False)
         n_img = q.shape[2]
         return q, torch.cat([k, ek], dim=2), ev, slice(n_img, n_img + ek.shape[2])
     # Flux: norms act on (B, N, H, d) in the processor; they normalize the last dim, so (B, H, N, d) is the same
     if kind == "flux-double":
-        q = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
-        k = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
-        ek = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
-        ev = _heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
+        q, k, _, ek, ev = _streams(attn, hidden_states, encoder_hidden_states, image_v=False)
         t = ek.shape[2]
         keys = torch.cat([ek, k], dim=2)
     else:  # flux-single: one sequence, text first
@@ -208,13 +214,8 @@ def attention_output(attn: nn.Module, kind: str, hidden_states: torch.Tensor, en
     """The joint attention output of the ``image`` or ``text`` tokens of a joint (SD3) / double-stream (Flux)
     layer through its output projection (image: ``to_out[0]``; text: ``to_add_out``, absent in SD3's last block,
     where the output stays unprojected): ``(B, n, D)`` in float32, recomputed from the layer's own weights."""
-    heads = attn.heads
-    q_img = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
-    k_img = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
-    v_img = _heads(_proj(attn, hidden_states, "v"), heads)
-    q_txt = _norm(attn.norm_added_q, _heads(_added_proj(attn, encoder_hidden_states, "q"), heads))
-    k_txt = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
-    v_txt = _heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
+    q_img, k_img, v_img, k_txt, v_txt = _streams(attn, hidden_states, encoder_hidden_states)
+    q_txt = _norm(attn.norm_added_q, _heads(_added_proj(attn, encoder_hidden_states, "q"), attn.heads))
     t = q_txt.shape[2]
     if kind == "sd3":
         q_all, k_all, v_all = (torch.cat(p, dim=2) for p in ((q_img, q_txt), (k_img, k_txt), (v_img, v_txt)))
