@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .joint import t5_length
+
 #: The concept added to the prompt's words by default, as a competitor for background pixels.
 DEFAULT_EXTRA = ("background",)
 
@@ -51,11 +53,12 @@ def concept_embeddings(pipe, concepts: Sequence[str]) -> tuple[torch.Tensor, tor
         ids = tokenizer(concept, add_special_tokens=True, return_tensors="pt")["input_ids"].to(encoder.device)
         firsts.append(encoder(ids)[0][0, 0])
     joined = " ".join(concepts)
+    length = t5_length(pipe)  # the pipeline's own T5 length, so nothing is reported as truncated
     if sd3:
         pooled = pipe.encode_prompt(prompt=joined, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-                                    max_sequence_length=8)[2]
+                                    max_sequence_length=length)[2]
     else:
-        pooled = pipe.encode_prompt(prompt=joined, prompt_2=None, max_sequence_length=8)[1]
+        pooled = pipe.encode_prompt(prompt=joined, prompt_2=None, max_sequence_length=length)[1]
     return torch.stack(firsts), pooled[0]
 
 
