@@ -87,7 +87,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Tracing overhead and memory, then first run vs identical rerun of task-a (ratios measured in one run), the Ray
-    executor, and SD 1.5 / SD 2.1 / SDXL at full geometry with random weights (benchmarks/bench_families.py);
+    executor, SD 1.5 / SD 2.1 / SDXL at full geometry with random weights (benchmarks/bench_families.py), and
+    MM-DiT tracing overhead at SD3 / Flux width (benchmarks/bench_mmdit.py);
     `-- --device cuda`: the GPU benchmark (untraced vs evalkit vs daam 0.2.0, benchmarks/bench_gpu.py)."""
     ensure_env(session)
     if any(a.startswith("--device") for a in session.posargs):  # `-- --device cuda`: the GPU benchmark
@@ -97,6 +98,7 @@ def bench(session: nox.Session) -> None:
     session.run(PY, "benchmarks/bench_rerun.py", *(["--check"] if "--check" in session.posargs else []), env=_env())
     session.run(PY, "benchmarks/bench_ray.py", env=_env())
     session.run(PY, "benchmarks/bench_families.py", *(["--check"] if "--check" in session.posargs else []), env=_env())
+    session.run(PY, "benchmarks/bench_mmdit.py", env=_env())
 
 
 @nox.session(name="daam-reference")

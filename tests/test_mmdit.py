@@ -235,3 +235,20 @@ def test_hrvs_are_built_through_the_concept_stream_and_ship_with_the_fixture(mod
         assert single and all(v[i] == 0 for v in built.vectors.values() for i in single)
     shipped = HeadRelevance.load(hrv_for_model(model, heads))
     assert shipped.vectors == built.vectors and list(shipped.heads) == heads
+
+
+def test_captured_projections_give_the_recomputed_statistics(pipe, monkeypatch):
+    """Reading q/k/v from hooks on the layer's own modules (the default) and recomputing them give the same
+    statistics (the SDPA-based test above checks the default path against the model's own attention)."""
+    from evalkit.trace import joint
+    from evalkit.trace.joint import JointTracingProcessor
+
+    stats = ("attn", "norm")
+    with monkeypatch.context() as m:  # the default path never projects a second time
+        m.setattr(joint, "joint_qkv", lambda *a, **k: pytest.fail("q/k/v were recomputed, not captured"))
+        hooked = generate(pipe, PROMPT, seeds=4, steps=2, guidance=4.0, stats=stats).traces[0]
+    monkeypatch.setattr(JointTracingProcessor, "attach", lambda self, attn: [])
+    recomputed = generate(pipe, PROMPT, seeds=4, steps=2, guidance=4.0, stats=stats).traces[0]
+    for name in stats:
+        for a, b in zip(hooked.stats[name], recomputed.stats[name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -255,10 +255,26 @@ def text_probabilities(q: torch.Tensor, keys: torch.Tensor, text: slice, scale: 
     return torch.cat(out, dim=2)
 
 
+#: What :meth:`JointTracingProcessor.attach` captures: name -> (the normalizing module, else the projection).
+_CAPTURED = {"q": ("norm_q", "to_q"), "k": ("norm_k", "to_k"), "ek": ("norm_added_k", "add_k_proj"),
+             "ev": (None, "add_v_proj"), "v": (None, "to_v")}
+
+
+def _captured_heads(kind: str, source: str, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """A captured projection (B, N, H*d) or normalized q/k (SD3: (B, H, N, d); Flux: (B, N, H, d)) as
+    (B, H, N, d)."""
+    if source == "proj":
+        return _heads(x, heads)
+    return x if kind == "sd3" else x.transpose(1, 2)
+
+
 class JointTracingProcessor:
     """Wraps an MM-DiT layer's own processor: the output is the original processor's, unchanged; the
     image-query x text-key probabilities of the conditional rows go to ``recorder`` (and to ``observer``,
-    ``observer(attn, q_img, text_keys, text_values, rows)``)."""
+    ``observer(attn, q_img, text_keys, text_values, rows)``). After :meth:`attach`, the q/k/v the processor
+    computes are read from forward hooks on the layer's projection and q/k-norm modules instead of being
+    projected a second time (only the attention scores are computed again); without it (fused projections),
+    they are recomputed (:func:`joint_qkv`), with the same result."""
 
     def __init__(self, original, kind: str, recorder: LayerRecorder | None, rows: slice, reading: str = "joint",
                  text_len: Callable[[], int | None] = lambda: None, observer=None, concepts=None) -> None:
@@ -273,18 +289,52 @@ class JointTracingProcessor:
         self.observer = observer
         self.concepts = concepts  # a ConceptStream (evalkit.trace.concept) for joint/double layers, or None
         self.n_calls = 0
+        self._capturing = False
+        self._captured: dict[str, tuple[str, torch.Tensor]] = {}
+        self._expected: set[str] = set()
+
+    def attach(self, attn: nn.Module) -> list:
+        """Register read-only forward hooks that keep what the processor computes for q, k (image and text) and
+        the text values; returns the hook handles (remove them to detach). Fused projections: none."""
+        if getattr(attn, "fused_projections", False):
+            return []
+        wanted = ("q", "k", "v") if self.kind == "flux-single" else ("q", "k", "ek", "ev")
+        handles = []
+        for name in wanted:
+            norm, proj = _CAPTURED[name]
+            module = getattr(attn, norm, None) if norm else None
+            source = "norm" if module is not None else "proj"
+            module = module if module is not None else getattr(attn, proj, None)
+            if module is None:  # a layer laid out differently: recompute instead
+                for handle in handles:
+                    handle.remove()
+                return []
+            handles.append(module.register_forward_hook(self._keeper(name, source)))
+        self._expected = set(wanted)
+        return handles
+
+    def _keeper(self, name: str, source: str):
+        def keep(_module, _args, output) -> None:
+            if self._capturing:
+                self._captured[name] = (source, output)
+        return keep
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None, *args, **kwargs):
-        if image_rotary_emb is not None:
-            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                                *args, **kwargs)
-        else:
-            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        stream = self.concepts
+        self._captured = {}
+        self._capturing = bool(self._expected) and not (stream is not None and stream.inner)
+        try:
+            if image_rotary_emb is not None:
+                out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                    *args, **kwargs)
+            else:
+                out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self._capturing = False
         if attention_mask is not None:
             raise ValueError("evalkit does not trace joint attention with an attention mask (a padded text "
                              "mask): generate without one")
-        stream = self.concepts
         with torch.no_grad():
             if stream is not None and stream.inner:  # the concepts' pass through this block: their output only
                 stream.o_c = attention_output(attn, self.kind, hidden_states, encoder_hidden_states, image_rotary_emb,
@@ -293,33 +343,62 @@ class JointTracingProcessor:
                     keys = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), attn.heads))
                     stream.key_observer(stream.current, attn, stream.q_img, keys)
                 return out
-            self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+            q_img = self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
             if stream is not None and stream.state is not None:
                 rows = self.rows
                 if stream.key_observer is not None:
-                    stream.q_img = joint_qkv(attn, self.kind, hidden_states[rows], encoder_hidden_states[rows],
-                                             image_rotary_emb, None)[0]
+                    stream.q_img = q_img if q_img is not None else joint_qkv(
+                        attn, self.kind, hidden_states[rows], encoder_hidden_states[rows], image_rotary_emb, None)[0]
                 stream.o_x = attention_output(attn, self.kind, hidden_states[rows], encoder_hidden_states[rows],
                                               image_rotary_emb, "image")
         self.n_calls += 1
+        self._captured = {}
         return out
 
-    def _record(self, attn, hidden_states, encoder_hidden_states, rotary) -> None:
+    def _qkv(self, attn, hidden_states, encoder_hidden_states, rotary):
+        """:func:`joint_qkv` of the conditional rows, from the captured tensors when every one was seen."""
         rows = self.rows
-        hs = hidden_states[rows]
-        ehs = None if encoder_hidden_states is None else encoder_hidden_states[rows]
+        got = self._captured
+        if not self._expected or set(got) != self._expected:
+            ehs = None if encoder_hidden_states is None else encoder_hidden_states[rows]
+            return joint_qkv(attn, self.kind, hidden_states[rows], ehs, rotary, self.text_len())
+        heads = attn.heads
+
+        def take(name: str) -> torch.Tensor:
+            source, x = got[name]
+            return _captured_heads(self.kind, source, x, heads)[rows]
+
+        q, k = take("q"), take("k")
+        if self.kind == "sd3":
+            ek, ev = take("ek"), _heads(got["ev"][1], heads)[rows]
+            n_img = q.shape[2]
+            return q, torch.cat([k, ek], dim=2), ev, slice(n_img, n_img + ek.shape[2])
+        if self.kind == "flux-double":
+            ek, ev = take("ek"), _heads(got["ev"][1], heads)[rows]
+            t, keys = ek.shape[2], torch.cat([ek, k], dim=2)
+        else:
+            t = int(self.text_len())
+            keys, ev, q = k, _heads(got["v"][1], heads)[rows][:, :, :t], q[:, :, t:]
+        if rotary is not None:
+            cos, sin = rotary
+            q, keys = _rope(q, (cos[t:], sin[t:])), _rope(keys, (cos, sin))
+        return q, keys, ev, slice(0, t)
+
+    def _record(self, attn, hidden_states, encoder_hidden_states, rotary) -> torch.Tensor | None:
+        """Record the call; returns the image queries of the conditional rows (None when nothing needed them)."""
         if self.recorder is None and self.observer is None:
-            return
-        q, keys, values, text = joint_qkv(attn, self.kind, hs, ehs, rotary, self.text_len())
+            return None
+        q, keys, values, text = self._qkv(attn, hidden_states, encoder_hidden_states, rotary)
         if self.observer is not None:
             self.observer(attn, q, keys[:, :, text], values, slice(0, q.shape[0]))
         if self.recorder is None:
-            return
+            return q
         scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
         probs = text_probabilities(q, keys, text, scale, self.reading)
         source = encoder_hidden_states if encoder_hidden_states is not None else hidden_states
         vkey = self.recorder_key(source)
         self.recorder.record_probs(attn, probs, values, vkey)
+        return q
 
     def recorder_key(self, source: torch.Tensor) -> tuple:
         """A value key that changes with every call: MM-DiT text states are rewritten by each block at every

@@ -231,6 +231,7 @@ class Tracer:
             processor = JointTracingProcessor(module.processor, kind, recorder, rows, self.reading,
                                               lambda: self._text_len, observer, stream)
             module.set_processor(processor)
+            self._hooks.extend(processor.attach(module))
             self._joint_processors.append(processor)
             if recorder is not None:
                 self.recorders.append(recorder)
