@@ -3,8 +3,9 @@
 In an MM-DiT block image and text tokens attend jointly: one softmax over the concatenated image and text
 keys. The analogue of a UNet's cross-attention map is the *image-query x text-key* block of that joint
 attention. :class:`JointTracingProcessor` wraps the model's own processor, which still computes the layer's
-output (so images are bit-identical with and without tracing), and recomputes that block on the side from the
-layer's own projections: q/k normalization, and Flux's rotary embedding on the joint sequence.
+output (so images are bit-identical with and without tracing), and computes that block on the side from the
+q and k the processor itself produced (read by hooks on the layer's projection and q/k-norm modules; Flux's
+rotary embedding applied as the processor applies it), so only the attention scores are computed again.
 
 Two readings of the block (``reading``):
 
