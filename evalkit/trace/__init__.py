@@ -3,6 +3,7 @@
 from .joint import READINGS, find_joint_attention_layers, is_mmdit, pipeline_tokenizer
 from .layers import LayerInfo, find_cross_attention_layers, model_head_names, unet_head_names
 from .processor import STAT_DOCS, LayerEdit, LayerRecorder, TracingAttnProcessor
+from .record import Trace
 from .tokens import (
     JointTokenizer,
     JointTokens,
@@ -12,7 +13,7 @@ from .tokens import (
     WordNotFoundError,
     tokenize_prompt,
 )
-from .tracer import Generation, Trace, Tracer, default_image_hw, denoiser_of, generate
+from .tracer import Generation, Tracer, default_image_hw, denoiser_of, generate
 
 __all__ = [
     "READINGS",
