@@ -170,8 +170,11 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     for w in words:
         tokens.positions(w)  # a word not in the prompt fails before generating
     stats = set().union(*(m.needs for m in methods))
+    # ConceptAttention's competitors: the requested words (phrases too), the prompt's other words, "background"
+    concepts = list(dict.fromkeys([*words, *(w.text for w in tokens.words if w.text.isalnum()), "background"]))
     gen = generate(pipe, args.prompt, seeds=args.seed, steps=args.steps, guidance=args.guidance,
-                   height=args.height, width=args.width, stats=stats, truncate=args.truncate, reading=args.reading)
+                   height=args.height, width=args.width, stats=stats, truncate=args.truncate, reading=args.reading,
+                   concepts=concepts)
     trace, image = gen.traces[0], gen.images[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

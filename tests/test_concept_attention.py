@@ -123,3 +123,19 @@ def test_concept_attention_needs_an_mmdit(tmp_path, monkeypatch, capsys):
                  "--steps", "1", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
     assert "concept-attention" in err and "MM-DiT" in err and "\n" not in err
+
+
+def test_attribute_cli_traces_the_requested_phrases_as_concepts(tmp_path):
+    """`evalkit attribute` adds the requested words, phrases included, to the concept list (competitors: the
+    prompt's other words and "background"), so every requested word gets its ConceptAttention map."""
+    import json
+
+    from evalkit.cli import main
+
+    out = tmp_path / "a"
+    assert main(["attribute", "--model", "tiny-flux", "--prompt", "a red bird on a wooden table", "--words",
+                 "red bird,table", "--methods", "concept-attention", "--steps", "1", "--out", str(out)]) == 0
+    concepts = json.loads((out / "attribution.json").read_text())["settings"]["concepts"]
+    assert concepts[:2] == ["red bird", "table"] and concepts[-1] == "background" and "wooden" in concepts
+    with np.load(out / "concept-attention.npz") as maps:
+        assert set(maps.files) == {"red bird", "table"} and np.isfinite(maps["red bird"]).all()
