@@ -10,8 +10,8 @@ tokens without influencing them:
 2. In every joint (SD3) / double-stream (Flux) block, the concepts go through the block's *text-stream*
    weights (``norm1_context``, ``add_q/k/v_proj``, ``to_add_out``, ``ff_context``). Their queries attend over
    the image keys and the concept keys only (one-directional: no image or prompt token attends to a concept,
-   so the image is unchanged); this is the block's own forward with the concepts in the place of the prompt,
-   which is how it is run. Flux's concept tokens carry text position ids 0 (no rotation).
+   so the image is unchanged): the text path of the block's forward with the concepts in the place of the
+   prompt, computed alone (the image path is the real pass's). Flux's concepts carry position id 0 (no rotation).
 3. The maps live in the attention *output* space: ``o_x`` (N x D), the image tokens' attention output through
    the image output projection (``to_out[0]``), against ``o_c`` (C x D), the concepts' through the text output
    projection (``to_add_out``; SD3's last block has none, so there the raw output): per layer and step,
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .joint import t5_length
+from .joint import apply_rope, maybe_norm, split_heads, t5_length
 
 #: The concept added to the prompt's words by default, as a competitor for background pixels.
 DEFAULT_EXTRA = ("background",)
@@ -64,8 +64,9 @@ def concept_embeddings(pipe, concepts: Sequence[str]) -> tuple[torch.Tensor, tor
 
 class ConceptStream:
     """State of the concept tokens during one traced generation: installed by the tracer as hooks on the
-    transformer and its joint/double blocks, and consulted by their :class:`~evalkit.trace.joint.
-    JointTracingProcessor` (``image_output``/``concept_output``)."""
+    transformer (a fresh stream per call) and on its joint / double-stream blocks (the concepts' pass after
+    each block), fed by their :class:`~evalkit.trace.joint.JointTracingProcessor` with what the real pass
+    computed: the image tokens' attention input and projected output (:meth:`image_pass`)."""
 
     def __init__(self, transformer: nn.Module, embeddings: torch.Tensor, rows: slice,
                  blocks: Sequence[tuple[int, nn.Module]], pooled: torch.Tensor | None = None) -> None:
@@ -76,16 +77,12 @@ class ConceptStream:
         self.rows = rows
         self.blocks = list(blocks)  # (layer index, block) of the joint / double blocks
         self.state: torch.Tensor | None = None  # (B, C, D) the concept residual stream
-        self.inner = False  # True while a block runs on the concepts (its processor records nothing)
-        self.o_x: torch.Tensor | None = None
-        self.o_c: torch.Tensor | None = None
-        self.sums: dict[int, torch.Tensor] = {}  # layer index -> (1, N, C)
+        self.sums: dict[int, torch.Tensor] = {}  # layer index -> (B, N, C)
         #: optional ``key_observer(layer index, attn, q_img (B, H, N, d), concept keys (B, H, C, d))``, called in
         #: each block's concept pass: HRV construction on MM-DiT votes with it (evalkit.analysis.hrv_build)
         self.key_observer = None
-        self.q_img: torch.Tensor | None = None
-        self.current: int | None = None
-        self._block_inputs: dict = {}
+        self._image: dict = {}  # the real pass of the current block (image_pass)
+        self._temb: torch.Tensor | None = None
         self._hooks: list = []
 
     def install(self) -> None:
@@ -127,45 +124,62 @@ class ConceptStream:
         return int(stop - start)
 
     def _remember(self, module, args, kwargs) -> None:
-        if self.inner:
-            return
-        names = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")
-        got = dict(zip(names, args))
-        got.update({k: v for k, v in kwargs.items() if k in names})
-        self._block_inputs = got
+        """The block's ``temb`` (the concepts' adaLN conditioning when they have no pooled embedding of their own)."""
+        temb = kwargs.get("temb", args[2] if len(args) > 2 else None)
+        self._temb = None if temb is None else temb[self.rows]
+        self._image = {}
+
+    def image_pass(self, x_norm: torch.Tensor, o_x: torch.Tensor, rotary, text_len: int,
+                   q_img: torch.Tensor | None) -> None:
+        """Called by the layer's processor in the real pass: the normalized image tokens the attention saw
+        (conditional rows), their attention output through ``to_out`` (``o_x``), Flux's rotary embedding and the
+        prompt's text length (to take the image part of it), and the image queries (for ``key_observer``)."""
+        self._image = {"x_norm": x_norm, "o_x": o_x, "rotary": rotary, "t": text_len, "q_img": q_img}
 
     def _make_after(self, index: int):
         def after(module, args, output) -> None:
-            if self.inner or self.state is None:
-                return
-            self._run_concepts(index, module)
+            if self.state is not None and self._image:
+                self._run_concepts(index, module)
         return after
 
     @torch.no_grad()
     def _run_concepts(self, index: int, block: nn.Module) -> None:
-        """The block's own forward with the concepts as its text stream (one-directional by construction: the
-        real image tokens were computed without them), then the layer's map from the two attention outputs."""
-        inputs = self._block_inputs
-        rows = self.rows
-        temb = self.temb if self.temb is not None else inputs["temb"][rows]
-        kwargs = {"hidden_states": inputs["hidden_states"][rows], "encoder_hidden_states": self.state, "temb": temb}
-        rotary = inputs.get("image_rotary_emb")
-        if rotary is not None:  # Flux: text positions carry id 0 (no rotation); the image keeps its own
-            t = int(inputs["encoder_hidden_states"].shape[1])
-            c = self.state.shape[1]
-            kwargs["image_rotary_emb"] = tuple(torch.cat([e[:1].expand(c, -1), e[t:]]) for e in rotary)
-        self.inner = True
-        self.current = index
-        try:
-            out = block(**kwargs)
-        finally:
-            self.inner = False
-            self.q_img = None
-        new_state = out[0]
-        if self.o_x is not None and self.o_c is not None:
-            scores = torch.matmul(self.o_x.float(), self.o_c.float().transpose(-1, -2))  # (B, N, C)
-            phi = scores.softmax(dim=-1)
-            self.sums[index] = phi if index not in self.sums else self.sums[index] + phi
-        self.o_x = self.o_c = None
-        if new_state is not None:  # SD3's last block updates no text stream
-            self.state = new_state
+        """The concepts' pass through one block with its text-stream weights: adaLN (``norm1_context``), queries
+        over the image keys and the concept keys (one-directional: the real pass never saw the concepts), the
+        text output projection, the gated residual and ``ff_context``; then the layer's map."""
+        attn, seen = block.attn, self._image
+        self._image = {}
+        temb = self.temb if self.temb is not None else self._temb
+        c = self.state
+        pre_only = bool(getattr(block, "context_pre_only", False))
+        if pre_only:  # SD3's last block: the text stream ends here
+            c_norm = block.norm1_context(c, temb)
+        else:
+            c_norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(c, emb=temb)
+        heads, x_norm = attn.heads, seen["x_norm"]
+        k_img = maybe_norm(attn.norm_k, split_heads(attn.to_k(x_norm), heads))
+        v_img = split_heads(attn.to_v(x_norm), heads)
+        if seen["rotary"] is not None:  # Flux: the image keys' own rotation; concepts carry position id 0
+            cos, sin = seen["rotary"]
+            k_img = apply_rope(k_img, (cos[seen["t"]:], sin[seen["t"]:])).to(v_img.dtype)
+        q_c = maybe_norm(attn.norm_added_q, split_heads(attn.add_q_proj(c_norm), heads))
+        k_c = maybe_norm(attn.norm_added_k, split_heads(attn.add_k_proj(c_norm), heads))
+        v_c = split_heads(attn.add_v_proj(c_norm), heads)
+        keys, values = torch.cat([k_img, k_c], dim=2).float(), torch.cat([v_img, v_c], dim=2).float()
+        scale = float(getattr(attn, "scale", q_c.shape[-1] ** -0.5))
+        out = (torch.matmul(q_c.float(), keys.transpose(-1, -2)) * scale).softmax(-1) @ values  # (B, H, C, d)
+        out = out.transpose(1, 2).flatten(2)
+        o_c = out if pre_only else torch.nn.functional.linear(
+            out, attn.to_add_out.weight.float(), None if attn.to_add_out.bias is None else attn.to_add_out.bias.float())
+        if self.key_observer is not None and seen["q_img"] is not None:
+            self.key_observer(index, attn, seen["q_img"], k_c)
+        phi = torch.matmul(seen["o_x"].float(), o_c.transpose(-1, -2)).softmax(dim=-1)  # (B, N, C)
+        self.sums[index] = phi if index not in self.sums else self.sums[index] + phi
+        if pre_only:
+            return
+        c = c + gate_msa.unsqueeze(1) * o_c.to(c.dtype)
+        mlp_in = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        c = c + gate_mlp.unsqueeze(1) * block.ff_context(mlp_in)
+        if c.dtype == torch.float16:
+            c = c.clip(-65504, 65504)
+        self.state = c

@@ -137,13 +137,13 @@ def _t5_keys(kind: str, tokenizer) -> int:
     return min(default, limit)
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, H*d) -> (B, H, N, d)."""
     b, n, c = x.shape
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def _rope(x: torch.Tensor, emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Flux's rotary embedding on (B, H, S, d) with ``emb = (cos, sin)`` of shape (S, d): adjacent channel
     pairs (x0, x1) rotate to (x0 cos - x1 sin, x1 cos + x0 sin)."""
     cos, sin = (t[None, None].float() for t in emb)
@@ -166,7 +166,8 @@ def _added_proj(attn: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
     return getattr(attn, f"add_{which}_proj")(x)
 
 
-def _norm(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+def maybe_norm(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, or ``x`` when the layer has no such normalization (SD3 without qk_norm)."""
     return x if module is None else module(x)
 
 
@@ -174,11 +175,11 @@ def _streams(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states
     """The image stream's q, k (normed) and v (None unless ``image_v``), and the text stream's k (normed) and v,
     as ``(B, H, n, d)``."""
     heads = attn.heads
-    q = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
-    k = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
-    v = _heads(_proj(attn, hidden_states, "v"), heads) if image_v else None
-    ek = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
-    ev = _heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
+    q = maybe_norm(attn.norm_q, split_heads(_proj(attn, hidden_states, "q"), heads))
+    k = maybe_norm(attn.norm_k, split_heads(_proj(attn, hidden_states, "k"), heads))
+    v = split_heads(_proj(attn, hidden_states, "v"), heads) if image_v else None
+    ek = maybe_norm(attn.norm_added_k, split_heads(_added_proj(attn, encoder_hidden_states, "k"), heads))
+    ev = split_heads(_added_proj(attn, encoder_hidden_states, "v"), heads)
     return q, k, v, ek, ev
 
 
@@ -198,45 +199,15 @@ def joint_qkv(attn: nn.Module, kind: str, hidden_states: torch.Tensor, encoder_h
         keys = torch.cat([ek, k], dim=2)
     else:  # flux-single: one sequence, text first
         t = int(text_len)
-        q = _norm(attn.norm_q, _heads(_proj(attn, hidden_states, "q"), heads))
-        keys = _norm(attn.norm_k, _heads(_proj(attn, hidden_states, "k"), heads))
-        ev = _heads(_proj(attn, hidden_states, "v"), heads)[:, :, :t]
+        q = maybe_norm(attn.norm_q, split_heads(_proj(attn, hidden_states, "q"), heads))
+        keys = maybe_norm(attn.norm_k, split_heads(_proj(attn, hidden_states, "k"), heads))
+        ev = split_heads(_proj(attn, hidden_states, "v"), heads)[:, :, :t]
         q = q[:, :, t:]
     if rotary is not None:
         cos, sin = rotary
-        q = _rope(q, (cos[t:], sin[t:]))
-        keys = _rope(keys, (cos, sin))
+        q = apply_rope(q, (cos[t:], sin[t:]))
+        keys = apply_rope(keys, (cos, sin))
     return q, keys, ev, slice(0, t)
-
-
-def attention_output(attn: nn.Module, kind: str, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                     rotary: tuple[torch.Tensor, torch.Tensor] | None, queries: str,
-                     chunk: int = QUERY_CHUNK) -> torch.Tensor:
-    """The joint attention output of the ``image`` or ``text`` tokens of a joint (SD3) / double-stream (Flux)
-    layer through its output projection (image: ``to_out[0]``; text: ``to_add_out``, absent in SD3's last block,
-    where the output stays unprojected): ``(B, n, D)`` in float32, recomputed from the layer's own weights."""
-    q_img, k_img, v_img, k_txt, v_txt = _streams(attn, hidden_states, encoder_hidden_states)
-    q_txt = _norm(attn.norm_added_q, _heads(_added_proj(attn, encoder_hidden_states, "q"), attn.heads))
-    t = q_txt.shape[2]
-    if kind == "sd3":
-        q_all, k_all, v_all = (torch.cat(p, dim=2) for p in ((q_img, q_txt), (k_img, k_txt), (v_img, v_txt)))
-        rows = slice(0, q_img.shape[2]) if queries == "image" else slice(q_img.shape[2], None)
-    elif kind == "flux-double":
-        q_all, k_all, v_all = (torch.cat(p, dim=2) for p in ((q_txt, q_img), (k_txt, k_img), (v_txt, v_img)))
-        if rotary is not None:
-            q_all, k_all = _rope(q_all, rotary), _rope(k_all, rotary)
-        rows = slice(t, None) if queries == "image" else slice(0, t)
-    else:
-        raise ValueError(f"attention outputs of {kind!r} layers are not defined for concepts")
-    q, k, v = q_all[:, :, rows].float(), k_all.float(), v_all.float()
-    scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
-    out = torch.cat([torch.matmul((torch.matmul(q[:, :, i:i + chunk], k.transpose(-1, -2)) * scale).softmax(-1), v)
-                     for i in range(0, q.shape[2], chunk)], dim=2)
-    out = out.transpose(1, 2).flatten(2)
-    proj = attn.to_out[0] if queries == "image" else getattr(attn, "to_add_out", None)
-    if proj is None or (queries == "text" and getattr(attn, "context_pre_only", False)):
-        return out
-    return torch.nn.functional.linear(out, proj.weight.float(), None if proj.bias is None else proj.bias.float())
 
 
 def text_probabilities(q: torch.Tensor, keys: torch.Tensor, text: slice, scale: float, reading: str,
@@ -265,7 +236,7 @@ def _captured_heads(kind: str, source: str, x: torch.Tensor, heads: int) -> torc
     """A captured projection (B, N, H*d) or normalized q/k (SD3: (B, H, N, d); Flux: (B, N, H, d)) as
     (B, H, N, d)."""
     if source == "proj":
-        return _heads(x, heads)
+        return split_heads(x, heads)
     return x if kind == "sd3" else x.transpose(1, 2)
 
 
@@ -324,7 +295,7 @@ class JointTracingProcessor:
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None, *args, **kwargs):
         stream = self.concepts
         self._captured = {}
-        self._capturing = bool(self._expected) and not (stream is not None and stream.inner)
+        self._capturing = bool(self._expected)
         try:
             if image_rotary_emb is not None:
                 out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
@@ -337,21 +308,13 @@ class JointTracingProcessor:
             raise ValueError("evalkit does not trace joint attention with an attention mask (a padded text "
                              "mask): generate without one")
         with torch.no_grad():
-            if stream is not None and stream.inner:  # the concepts' pass through this block: their output only
-                stream.o_c = attention_output(attn, self.kind, hidden_states, encoder_hidden_states, image_rotary_emb,
-                                              "text")
-                if stream.key_observer is not None and stream.q_img is not None:
-                    keys = _norm(attn.norm_added_k, _heads(_added_proj(attn, encoder_hidden_states, "k"), attn.heads))
-                    stream.key_observer(stream.current, attn, stream.q_img, keys)
-                return out
             q_img = self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-            if stream is not None and stream.state is not None:
+            if stream is not None and stream.state is not None:  # hand the real pass to the concept stream
                 rows = self.rows
-                if stream.key_observer is not None:
-                    stream.q_img = q_img if q_img is not None else joint_qkv(
-                        attn, self.kind, hidden_states[rows], encoder_hidden_states[rows], image_rotary_emb, None)[0]
-                stream.o_x = attention_output(attn, self.kind, hidden_states[rows], encoder_hidden_states[rows],
-                                              image_rotary_emb, "image")
+                if stream.key_observer is not None and q_img is None:
+                    q_img = self._qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)[0]
+                stream.image_pass(hidden_states[rows], out[0][rows], image_rotary_emb,
+                                  int(encoder_hidden_states.shape[1]), q_img)
         self.n_calls += 1
         self._captured = {}
         return out
@@ -371,18 +334,18 @@ class JointTracingProcessor:
 
         q, k = take("q"), take("k")
         if self.kind == "sd3":
-            ek, ev = take("ek"), _heads(got["ev"][1], heads)[rows]
+            ek, ev = take("ek"), split_heads(got["ev"][1], heads)[rows]
             n_img = q.shape[2]
             return q, torch.cat([k, ek], dim=2), ev, slice(n_img, n_img + ek.shape[2])
         if self.kind == "flux-double":
-            ek, ev = take("ek"), _heads(got["ev"][1], heads)[rows]
+            ek, ev = take("ek"), split_heads(got["ev"][1], heads)[rows]
             t, keys = ek.shape[2], torch.cat([ek, k], dim=2)
         else:
             t = int(self.text_len())
-            keys, ev, q = k, _heads(got["v"][1], heads)[rows][:, :, :t], q[:, :, t:]
+            keys, ev, q = k, split_heads(got["v"][1], heads)[rows][:, :, :t], q[:, :, t:]
         if rotary is not None:
             cos, sin = rotary
-            q, keys = _rope(q, (cos[t:], sin[t:])), _rope(keys, (cos, sin))
+            q, keys = apply_rope(q, (cos[t:], sin[t:])), apply_rope(keys, (cos, sin))
         return q, keys, ev, slice(0, t)
 
     def _record(self, attn, hidden_states, encoder_hidden_states, rotary) -> torch.Tensor | None:
