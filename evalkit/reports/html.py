@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 from html import escape
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 #: Libraries whose versions the header names.
@@ -60,13 +59,9 @@ window.addEventListener("load", function () {
 
 def library_versions() -> dict[str, str]:
     """Installed versions of :data:`LIBRARIES` ("absent" when not installed), without importing them."""
-    out = {}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:
-            out[lib] = "absent"
-    return out
+    from ..suites.store import library_versions as versions
+
+    return versions(LIBRARIES)
 
 
 def short_commit() -> str:

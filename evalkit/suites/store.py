@@ -131,9 +131,10 @@ def _external_source(name: str, group: str, registry_module: str) -> str | None:
     return None
 
 
-def _versions() -> dict[str, str]:
+def library_versions(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """Installed versions of ``libraries`` ("absent" when not installed), without importing them."""
     out = {}
-    for lib in LIBRARIES:
+    for lib in libraries:
         try:
             out[lib] = version(lib)
         except PackageNotFoundError:
@@ -168,7 +169,7 @@ def invocation_key(data: dict, *, limit: int | None, methods: list[str] | None,
     model = data.get("model")
     return content_key({"suite": data, "limit": limit, "methods": sorted(methods or []), "code": code,
                         "model": model_fingerprint(model) if isinstance(model, str) else model, "files": files,
-                        "libraries": _versions()})
+                        "libraries": library_versions()})
 
 
 @dataclass
