@@ -8,17 +8,24 @@ tokenizer of the tiny-sd fixture, DDIM), at ``--size`` px (512), ``--steps`` (50
 
 - ``untraced``: the pipeline alone;
 - ``evalkit-attn``: evalkit's traced generation recording ``attn`` only (the floor);
-- ``evalkit``: traced generation with the union of the statistics daam, raw-attn, norm and norm-sq
-  need, plus ``attribute()`` of daam, raw-attn, norm and hrv-selective for two words;
+- ``evalkit``: traced generation with the union of the statistics the four methods (daam, raw-attn, norm,
+  hrv-selective) need, plus ``attribute()`` of each for two words;
+- ``evalkit-percall``: the same with every attn2 layer recorded where it is called (``defer=False``), i.e.
+  without grouping a UNet call's layers by geometry (see ``evalkit.trace.batch``);
 - ``evalkit-perstep``: the same as ``evalkit`` with the norm statistics accumulated per step (each
   call's ``A * ||v W_O||``), i.e. without the attention-sum factorization (see ``LayerRecorder``);
 - ``daam-0.2.0``: the same generation under ``daam.trace(pipe)``, then its global heat map and the
   two word maps.
 
-It prints medians over ``--reps`` repetitions (after one warm-up of each), the ratios to the
+First it counts, on the meta device (no arithmetic, any machine), the kernel-launching operators of one UNet
+call at this geometry untraced, traced with the layers grouped, and traced layer by layer: at batch 1 a GPU
+step is bound by launches, so their ratio is the device-independent part of the overhead. Then it prints
+medians over ``--reps`` repetitions (after one warm-up of each), the ratios to the
 untraced time, peak allocated GPU memory of each variant (relative to untraced), and whether
 evalkit's image equals the untraced one bit for bit. Benchmarks report; with ``--check`` the exit
-code is 1 when evalkit's ratio exceeds 1.03, its memory +3 %, or it is slower than daam.
+code is 1 when evalkit's ratio exceeds 1.03, its memory +3 %, or it is slower than daam. Last, one profiled
+generation of ``untraced`` and ``evalkit`` (``--profile-steps``, 10) shows where the difference goes: wall vs
+kernel time, counts of launches, synchronizations and allocations, and the operators whose CPU time grew.
 ``--quick`` is the CPU smoke run (tiny-sd fixture, 64 px, 2 steps, 1 repetition).
 """
 
@@ -29,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +53,8 @@ PROMPT = "a photo of a cat sitting on a wooden chair"
 WORDS = ("cat", "chair")
 GUIDANCE = 7.5
 METHODS = ("daam", "raw-attn", "norm", "hrv-selective")
-TRACED_FOR = ("daam", "raw-attn", "norm", "norm-sq")
+#: Operators that launch no kernel (aliases, allocation); views are recognized by their schema.
+NO_KERNEL = frozenset({"_unsafe_view", "detach", "lift_fresh", "empty", "empty_strided", "empty_like"})
 TARGET_TIME, TARGET_MEM = 1.03, 1.03
 
 
@@ -99,7 +108,7 @@ def variants(pipe, steps: int, size: int, seed: int, device: str):
 
     heads = [n for info, _ in find_cross_attention_layers(pipe.unet) for n in info.head_names()]
     methods, _ = make_methods(heads)
-    stats_all = sorted(set().union(*(get_method_class(m).needs for m in TRACED_FOR)))
+    stats_all = sorted(set().union(*(get_method_class(m).needs for m in METHODS)))
     kw = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size)
 
     def gen():
@@ -113,9 +122,9 @@ def variants(pipe, steps: int, size: int, seed: int, device: str):
                      stats=["attn"])
         return np.asarray(g.images[0])
 
-    def evalkit_all():
+    def evalkit_all(defer: bool = True):
         g = generate(pipe, PROMPT, seeds=seed, steps=steps, guidance=GUIDANCE, height=size, width=size,
-                     stats=stats_all)
+                     stats=stats_all, defer=defer)
         for name in METHODS:
             att = methods[name].attribute(g.traces[0], list(WORDS))
             for m in att.maps.values():
@@ -133,7 +142,7 @@ def variants(pipe, steps: int, size: int, seed: int, device: str):
             TracingAttnProcessor.value_key = real
 
     out = {"untraced": untraced, "evalkit-attn": evalkit_attn, "evalkit": evalkit_all,
-           "evalkit-perstep": evalkit_per_step}
+           "evalkit-percall": lambda: evalkit_all(defer=False), "evalkit-perstep": evalkit_per_step}
     try:
         import daam  # noqa: F401
     except ImportError as err:
@@ -154,6 +163,103 @@ def variants(pipe, steps: int, size: int, seed: int, device: str):
     return out
 
 
+def count_launches(fn) -> int:
+    """Kernel-launching ATen operators dispatched while ``fn()`` runs (views and allocations excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL:
+                Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.n
+
+
+def launch_counts(unet, size: int, dtype: torch.dtype, stats) -> dict[str, int]:
+    """Launches of one guided UNet call (batch 2, ``size`` px) untraced, traced grouped, traced per call; run on
+    whatever device ``unet`` is on (the meta device computes nothing)."""
+    import contextlib
+
+    from evalkit.trace import Tracer
+
+    dev = next(unet.parameters()).device
+    latents = torch.zeros(2, unet.config.in_channels, size // 8, size // 8, dtype=dtype, device=dev)
+    context = torch.zeros(2, 77, unet.config.cross_attention_dim, dtype=dtype, device=dev)
+    t = torch.tensor(500, device=dev)
+    out = {}
+    for name, defer in (("untraced", None), ("evalkit", True), ("evalkit-percall", False)):
+        tracer = contextlib.nullcontext() if defer is None else Tracer(unet, stats, n_cond=1, cfg=True, defer=defer)
+        with tracer, torch.no_grad():
+            unet(latents, t, encoder_hidden_states=context)  # the first call builds the cached keys
+            out[name] = count_launches(lambda: unet(latents, t, encoder_hidden_states=context))
+    return out
+
+
+def print_launch_counts(size: int, dtype: torch.dtype) -> dict[str, int]:
+    """Launch counts of the SD-1.5-geometry UNet on the meta device, as a table."""
+    from bench_trace import build_sd15_unet
+
+    from evalkit.methods import get_method_class
+
+    stats = sorted(set().union(*(get_method_class(m).needs for m in METHODS)))
+    counts = launch_counts(build_sd15_unet(device="meta").to(dtype), size, dtype, stats)
+    base = counts["untraced"]
+    print(f"kernel launches per UNet call (SD-1.5 geometry, {size} px, {str(dtype).removeprefix('torch.')}, "
+          f"statistics {stats}; counted on the meta device)")
+    for name, n in counts.items():
+        print(f"  {name:<16} {n:5d}  +{n - base:<4d} x{n / base:.3f}")
+    return counts
+
+
+#: Profiler events worth counting per generation: synchronizations stall a launch-bound GPU, allocations can
+#: synchronize, and launches are the cost itself.
+RUNTIME_EVENTS = ("cudaLaunchKernel", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+                  "cudaMalloc", "cudaFree", "cudaMemcpyAsync")
+
+
+def profile_once(device: str, fn) -> tuple[float, dict[str, tuple[int, float, float]]]:
+    """(wall seconds, {event: (count, self CPU us, self device us)}) of one ``fn()`` under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    wall = time.perf_counter() - t0
+    return wall, {e.key: (e.count, e.self_cpu_time_total, e.self_device_time_total) for e in prof.key_averages()}
+
+
+def print_profile(device: str, fns: dict, names: Sequence[str] = ("untraced", "evalkit"), top: int = 10) -> dict:
+    """Where the tracer's time goes: for each variant in ``names``, one profiled generation's wall time, summed
+    device (kernel) time and runtime-call counts; then the operators whose self CPU time grew most from the
+    first variant to the last. Wall time near the device time means GPU-bound; far above it, launch-bound."""
+    runs = {}
+    for name in names:
+        fns[name]()  # warm
+        runs[name] = profile_once(device, fns[name])
+    print(f"\nprofile (one generation each; profiler overhead included) on {device}")
+    print(f"  {'variant':<16} {'wall s':>8} {'kernels s':>10} " + " ".join(f"{e.removeprefix('cuda'):>14}"
+                                                                        for e in RUNTIME_EVENTS))
+    for name, (wall, events) in runs.items():
+        device_s = sum(v[2] for k, v in events.items() if k not in RUNTIME_EVENTS) / 1e6
+        counts = " ".join(f"{events.get(e, (0, 0, 0))[0]:>14d}" for e in RUNTIME_EVENTS)
+        print(f"  {name:<16} {wall:8.3f} {device_s:10.3f} {counts}")
+    first, last = runs[names[0]][1], runs[names[-1]][1]
+    grown = sorted(((v[1] - first.get(k, (0, 0.0, 0.0))[1], k, v[0] - first.get(k, (0, 0, 0))[0])
+                    for k, v in last.items()), reverse=True)[:top]
+    print(f"  self CPU time added by {names[-1]} (ms, calls added):")
+    for added_us, key, calls in grown:
+        print(f"    {key[:60]:<60} {added_us / 1e3:8.2f} {calls:+7d}")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -164,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny-sd, 64 px, 2 steps, 1 repetition")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--profile-steps", type=int, default=10,
+                   help="steps of the profiled generations (untraced, evalkit) printed last; 0: no profile")
     args = p.parse_args(argv)
     if args.quick:
         args.device, args.dtype, args.size, args.steps, args.reps = "cpu", "float32", 64, 2, 1
@@ -172,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
               "run on a GPU machine or pass --quick for the CPU smoke run", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
+    print_launch_counts(args.size, dtype)
     t0 = time.perf_counter()
     if args.quick:
         from evalkit.models import load
@@ -199,13 +308,13 @@ def main(argv: list[str] | None = None) -> int:
                 peaks[n].append(peak)
     base_t = statistics.median(times["untraced"])
     base_m = max(peaks["untraced"]) if peaks["untraced"] else None
-    print(f"\n{'variant':<14} {'median s':>9} {'x untraced':>11} {'peak MiB':>9} {'x untraced':>11}")
+    print(f"\n{'variant':<16} {'median s':>9} {'x untraced':>11} {'peak MiB':>9} {'x untraced':>11}")
     summary = {}
     for n in names:
         t = statistics.median(times[n])
         m = max(peaks[n]) if peaks[n] else None
         mem = f"{m / 2**20:9.0f} {m / base_m:11.3f}" if m is not None else f"{'n/a':>9} {'n/a':>11}"
-        print(f"{n:<14} {t:9.3f} {t / base_t:11.3f} {mem}")
+        print(f"{n:<16} {t:9.3f} {t / base_t:11.3f} {mem}")
         summary[n] = (t / base_t, (m / base_m) if m is not None else None)
     same = bool(np.array_equal(images["untraced"], images["evalkit"]))
     print(f"\nevalkit image bit-identical to untraced: {same}")
@@ -219,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         ok = ok and summary["evalkit"][0] <= summary["daam-0.2.0"][0]
     print(f"targets (evalkit <= {TARGET_TIME}x time, <= {TARGET_MEM}x memory, not slower than daam, "
           f"bit-identical): {'met' if ok else 'missed'}")
+    if args.profile_steps:
+        print_profile(args.device, variants(pipe, min(args.profile_steps, args.steps), args.size, args.seed,
+                                            args.device))
     return 1 if args.check and not ok else 0
 
 

@@ -108,16 +108,17 @@ def test_rerun_benchmark_reports_both_runs_and_the_store_hit(tmp_path):
 
 
 def test_gpu_benchmark_smoke_runs_every_variant_on_cpu():
-    """benchmarks/bench_gpu.py --quick: every variant (untraced, evalkit attn-only, evalkit all four
-    methods, per-step norm accumulation, daam 0.2.0 when installed) runs and the traced image is
-    bit-identical to the untraced one."""
+    """benchmarks/bench_gpu.py --quick: the launch counts, then every variant (untraced, evalkit attn-only, evalkit
+    all four methods, layer-by-layer recording, per-step norm accumulation, daam 0.2.0 when installed) runs and
+    the traced image is bit-identical to the untraced one."""
     import subprocess
 
     script = BENCH.parent / "bench_gpu.py"
     out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    for variant in ("untraced", "evalkit-attn", "evalkit ", "evalkit-perstep"):
+    for variant in ("untraced", "evalkit-attn", "evalkit ", "evalkit-percall", "evalkit-perstep"):
         assert f"\n{variant}" in out.stdout
+    assert "kernel launches per UNet call" in out.stdout
     assert "evalkit image bit-identical to untraced: True" in out.stdout
     cuda = subprocess.run([sys.executable, str(script), "--device", "cuda:7"], capture_output=True, text=True,
                           timeout=120, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..npz import save_npz
 from ..trace import LayerInfo, Trace
 
 LayerFilter = Callable[[LayerInfo, tuple[int, int]], bool]
@@ -63,9 +64,10 @@ class Attribution:
         return {w: m > tau for w, m in self.normalized(size).items()}
 
     def save_npz(self, path: str | Path, size: tuple[int, int] | None = None) -> None:
-        """One float32 array per word at image size (after upsampling, before normalization)."""
+        """One float32 array per word at image size (after upsampling, before normalization); any word is a valid
+        key (see :mod:`evalkit.npz`)."""
         arrays = {w: m.numpy().astype(np.float32) for w, m in self.to_image(size).items()}
-        np.savez(path, **arrays)
+        save_npz(path, arrays)
 
     def overlay(self, image, word: str, ax=None, alpha: float = 0.5, cmap: str = "jet"):
         """Draw the normalized map of ``word`` over ``image`` (PIL image); returns the matplotlib Axes."""

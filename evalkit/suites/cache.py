@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..npz import save_npz
+
 SAFE_SUFFIXES = {".json", ".npz", ".png", ".safetensors"}
 
 
@@ -79,7 +81,7 @@ class CaseCache:
                 elif suffix == ".json":
                     target.write_text(json.dumps(content, indent=1, default=_json_default))
                 elif suffix == ".npz":
-                    np.savez_compressed(target, **content)
+                    save_npz(target, content, compress=True)
                 elif suffix == ".png":
                     content.save(target)
                 else:

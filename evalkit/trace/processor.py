@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .batch import PendingCall, StepBatch
+
 #: Statistics a trace can accumulate; each is kept per layer for the conditional batch rows.
 STAT_DOCS: dict[str, str] = {
     "attn": "sum over steps of attention probabilities A[h, q, k]; (heads, Q, K)",
@@ -38,7 +40,7 @@ class LayerRecorder:
     result equals per-step accumulation (up to float rounding) in every case."""
 
     def __init__(self, stats: frozenset[str], cond_rows: slice | None = None,
-                 out_weight: torch.Tensor | None = None) -> None:
+                 out_weight: torch.Tensor | None = None, batch: StepBatch | None = None) -> None:
         unknown = set(stats) - RECORDED_STATS
         if unknown:
             raise ValueError(f"unknown trace statistics {sorted(unknown)}; known: {sorted(RECORDED_STATS)}")
@@ -47,18 +49,29 @@ class LayerRecorder:
         self.out_weight = out_weight  # the output projection of the values (default: attn.to_out[0].weight)
         self._sums: dict[str, torch.Tensor] = {}
         self.steps: dict[str, list[torch.Tensor]] = {}
-        self.n_calls = 0
+        self._n_calls = 0
         self.need_norm = bool(stats & {"norm", "norm_sq", "norm_steps"})
         self.factor = bool(stats & {"norm", "norm_sq"})  # norm sums from attention sums x norms
         self._seg: dict[str, torch.Tensor] = {}  # sum of A (and A^2) over the current segment
         self._norms: torch.Tensor | None = None  # (B, H, K) value norms of the current segment
         self._value_key: tuple | None = None
         self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._keys: tuple[int, torch.Tensor] | None = None  # (key id, scaled transposed fp32 keys) of the segment
+        self.batch = batch  # calls deferred to the end of the denoiser call (evalkit.trace.batch); None: at once
+
+    @property
+    def n_calls(self) -> int:
+        """Calls recorded so far (deferred ones included)."""
+        if self.batch is not None:
+            self.batch.flush()
+        return self._n_calls
 
     @property
     def sums(self) -> dict[str, torch.Tensor]:
         """The summed statistics (``attn``, ``norm``, ``norm_sq`` as requested) over all calls so far."""
-        if self._cache is not None and self._cache[0] == self.n_calls:
+        if self.batch is not None:
+            self.batch.flush()
+        if self._cache is not None and self._cache[0] == self._n_calls:
             return self._cache[1]
         out = dict(self._sums)
         if self._seg:
@@ -70,7 +83,7 @@ class LayerRecorder:
             if "norm_sq" in self.stats:
                 part = self._seg["attn_sq"] * self._norms.square()[:, :, None, :]
                 out["norm_sq"] = part if "norm_sq" not in out else out["norm_sq"] + part
-        self._cache = (self.n_calls, out)
+        self._cache = (self._n_calls, out)
         return out
 
     def nbytes(self) -> int:
@@ -106,11 +119,15 @@ class LayerRecorder:
     ) -> None:
         """Add one call's statistics. ``query`` (B, H, Q, d), ``key``/``value`` (B, H, K, d);
         ``value_key`` identifies the values (see :meth:`TracingAttnProcessor.value_key`; None: they
-        may have changed since the last call)."""
+        may have changed since the last call). With a :class:`~evalkit.trace.batch.StepBatch` the work waits
+        for the end of the denoiser call (unless a mask is given)."""
         rows = self._rows(query.shape[0])
-        q = query[rows].float()
-        k = key[rows].float()
-        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+        if self.batch is not None:
+            if attention_mask is None:
+                self.batch.add(PendingCall(self, attn, query[rows], key[rows], value[rows], value_key))
+                return
+            self.batch.flush()
+        scores = torch.matmul(query[rows].float(), self.scaled_keys(attn, key[rows], value_key)[1])
         if attention_mask is not None:
             scores = scores + attention_mask[rows].float()
         self._accumulate(attn, scores.softmax(dim=-1), value[rows], value_key)
@@ -118,12 +135,37 @@ class LayerRecorder:
     @torch.no_grad()
     def record_probs(self, attn, probs: torch.Tensor, value: torch.Tensor, value_key: tuple | None = None) -> None:
         """Add one call's statistics from probabilities already computed (and possibly edited)."""
+        if self.batch is not None:
+            self.batch.flush()
         rows = self._rows(probs.shape[0])
         self._accumulate(attn, probs[rows].float(), value[rows], value_key)
 
+    def scaled_keys(self, attn, key: torch.Tensor, value_key: tuple | None) -> tuple[int | None, torch.Tensor]:
+        """``(key id, k^T * scale)`` in fp32 for the conditional rows' keys ``key`` (B, H, K, d): computed once
+        per segment of unchanged text embedding (``value_key[0]``), every call when that is unknown."""
+        kid = None if value_key is None else value_key[0]
+        if kid is not None and self._keys is not None and self._keys[0] == kid:
+            return self._keys
+        scaled = (key.float() * attn.scale).transpose(-1, -2)
+        self._keys = (kid, scaled) if kid is not None else None
+        return kid, scaled
+
     def _accumulate(self, attn, probs: torch.Tensor, value: torch.Tensor, value_key: tuple | None) -> None:
         """``probs`` (B, H, Q, K) and ``value`` (B, H, K, d) of the conditional rows."""
-        self.n_calls += 1
+        adds: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        squares: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self.accumulate_into(attn, probs, value, value_key, adds, squares)
+        for acc, x in zip(*adds):
+            acc.add_(x)
+        for acc, x in zip(*squares):
+            acc.addcmul_(x, x)  # one fused kernel: launches dominate on a GPU
+
+    def accumulate_into(self, attn, probs: torch.Tensor, value: torch.Tensor, value_key: tuple | None,
+                        adds: tuple[list, list], squares: tuple[list, list]) -> None:
+        """Count one call and open a new segment if its values changed; the running sums it must add ``probs``
+        to (and its square, for ``norm_sq``) are appended to ``adds`` / ``squares`` as (accumulator, term)
+        pairs, so a caller can add many layers' terms in one multi-tensor kernel."""
+        self._n_calls += 1
         self._cache = None
         if "attn_steps" in self.stats:
             self.steps.setdefault("attn_steps", []).append(probs.mean(dim=1))
@@ -134,25 +176,27 @@ class LayerRecorder:
                 self._norms = self.value_norms(attn, value, self.out_weight)
                 self._value_key = value_key
             norms = self._norms
-            self._seg_add("attn", probs)
+            self._seg_term("attn", probs, adds)
             if "norm_sq" in self.stats:
-                acc = self._seg.get("attn_sq")
-                if acc is None:
-                    self._seg["attn_sq"] = probs.square()
+                if "attn_sq" in self._seg:
+                    squares[0].append(self._seg["attn_sq"])
+                    squares[1].append(probs)
                 else:
-                    acc.addcmul_(probs, probs)  # one fused kernel: launches dominate on a GPU
+                    self._seg["attn_sq"] = probs.square()
         elif "attn" in self.stats:
-            self._seg_add("attn", probs)
+            self._seg_term("attn", probs, adds)
         if "norm_steps" in self.stats:
             norms = norms if norms is not None else self.value_norms(attn, value, self.out_weight)
             self.steps.setdefault("norm_steps", []).append((probs * norms[:, :, None, :]).mean(dim=1))
 
-    def _seg_add(self, name: str, x: torch.Tensor) -> None:
+    def _seg_term(self, name: str, x: torch.Tensor, adds: tuple[list, list]) -> None:
+        """Start segment sum ``name`` with ``x`` or note that ``x`` is to be added to it."""
         acc = self._seg.get(name)
         if acc is None:
             self._seg[name] = x.clone()
         else:
-            acc.add_(x)
+            adds[0].append(acc)
+            adds[1].append(x)
 
     @staticmethod
     def value_norms(attn, value: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .batch import StepBatch
 from .concept import DEFAULT_EXTRA, ConceptStream, concept_embeddings
 from .joint import READINGS, JointTracingProcessor, find_joint_attention_layers, is_mmdit, pipeline_tokenizer, t5_length
 from .layers import LayerInfo, find_cross_attention_layers
@@ -24,7 +25,9 @@ class Tracer:
     :mod:`evalkit.trace.joint`, ``reading`` picks how that block is read).
 
     ``n_cond`` is the number of conditional rows per denoiser call; with classifier-free guidance the
-    batch is ``[unconditional; conditional]`` and only the last ``n_cond`` rows are recorded.
+    batch is ``[unconditional; conditional]`` and only the last ``n_cond`` rows are recorded. ``defer`` (UNets)
+    records each UNet call's layers together when the call returns (:mod:`evalkit.trace.batch`, fewer kernel
+    launches); ``False`` records every layer where it is called (the reference path; same statistics).
     """
 
     def __init__(
@@ -39,8 +42,10 @@ class Tracer:
         reading: str = "joint",
         concept_embeddings: torch.Tensor | None = None,
         concept_pooled: torch.Tensor | None = None,
+        defer: bool = True,
     ) -> None:
         self.unet = unet
+        self.defer = defer
         self.concept_embeddings = concept_embeddings
         self.concept_pooled = concept_pooled
         self.concepts: ConceptStream | None = None
@@ -69,6 +74,7 @@ class Tracer:
         self._hooks: list = []
         self._joint_processors: list[JointTracingProcessor] = []
         self._text_len: int | None = None
+        self.batch: StepBatch | None = None
 
     def __enter__(self) -> Tracer:
         rows = slice(self.n_cond, 2 * self.n_cond) if self.cfg else slice(0, self.n_cond)
@@ -82,12 +88,15 @@ class Tracer:
                 raise
             return self
         try:
+            if self.stats and self.defer:  # the recorders' work waits for the end of each UNet call (batch.py)
+                self.batch = StepBatch()
+                self._hooks.append(self.unet.register_forward_hook(lambda *_: self.batch.flush()))
             for info, module in self.layers:
                 edit = self.edits.get(info.name)
                 observer = self.observers.get(info.name)
                 if not self.stats and edit is None and observer is None:
                     continue
-                recorder = LayerRecorder(self.stats, rows) if self.stats else None
+                recorder = LayerRecorder(self.stats, rows, batch=self.batch) if self.stats else None
                 self._originals.append((module, module.processor))
                 module.set_processor(TracingAttnProcessor(recorder, edit, rows, observer))
                 if recorder is not None:
@@ -97,7 +106,12 @@ class Tracer:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.batch is not None:
+            if exc_type is None:
+                self.batch.flush()
+            else:
+                self.batch.discard()  # calls of a UNet call that did not finish
         self._restore()
 
     def _enter_joint(self, rows: slice) -> None:
@@ -144,12 +158,16 @@ class Tracer:
 
     def n_steps(self) -> int:
         """Number of UNet calls seen (denoising steps); equal across layers."""
+        if self.batch is not None:
+            self.batch.flush()
         if self.recorders:
             return self.recorders[0].n_calls
         return self._joint_processors[0].n_calls if self._joint_processors else 0
 
     def item_stats(self, item: int) -> dict[str, list[torch.Tensor]]:
         """Per-layer statistics of conditional batch item ``item``."""
+        if self.batch is not None:
+            self.batch.flush()
         out: dict[str, list[torch.Tensor]] = {}
         if "concept" in self.stats:
             sums = self.concepts.sums if self.concepts is not None else {}
@@ -193,6 +211,7 @@ def generate(
     interventions: Sequence = (),
     reading: str = "joint",
     concepts: Sequence[str] | None = None,
+    defer: bool = True,
 ) -> Generation:
     """Generate one image per prompt (batched in one pipeline call) and trace it.
 
@@ -205,7 +224,7 @@ def generate(
     :mod:`evalkit.trace.concept`. Prompts longer than the context raise (see
     :func:`evalkit.trace.tokens.tokenize_prompt`). ``interventions`` (see
     :mod:`evalkit.interventions`) rewrite the prompt and/or edit attn2 layers; edits that depend
-    on token positions must agree across the batch.
+    on token positions must agree across the batch. ``defer``: see :class:`Tracer`.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     for iv in interventions:
@@ -246,7 +265,7 @@ def generate(
             w.text for tok in tokens for w in tok.words if w.text.isalnum()] + list(DEFAULT_EXTRA)))
         embeddings, pooled = concept_embeddings(pipe, concept_list)
     with Tracer(denoiser, stats, n_cond=len(prompts), cfg=cfg, edits=edits, reading=reading,
-                concept_embeddings=embeddings, concept_pooled=pooled) as tracer:
+                concept_embeddings=embeddings, concept_pooled=pooled, defer=defer) as tracer:
         out = pipe(
             prompt=prompts,
             num_inference_steps=steps,
