@@ -76,3 +76,91 @@ def test_entry_point_is_loaded_lazily_by_name(tmp_path, monkeypatch):
     finally:
         _REGISTRY.pop("ext-method", None)
         sys.modules.pop("ext_methods_pkg", None)
+
+
+def _entry_point_package(tmp_path, monkeypatch, module: str, group: str, name: str, source: str) -> None:
+    """An installed-looking distribution in ``tmp_path`` whose entry point ``name`` in ``group`` is ``module:Ext``."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    dist = tmp_path / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{name} = {module}:Ext\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_metric_from_an_entry_point_is_loaded_lazily_and_its_declaration_checked(tmp_path, monkeypatch):
+    from evalkit.metrics import available_metrics, create_metric
+    from evalkit.metrics.registry import _REGISTRY as metrics
+
+    _entry_point_package(tmp_path, monkeypatch, "ext_metrics_pkg", "evalkit.metrics", "ext-metric", '''
+        from evalkit.metrics import Metric
+
+        class Ext(Metric):
+            category = "map-statistics"
+            direction = "lower"
+            summary = "ext metric from an entry point"
+
+            def update(self, value):
+                self._record(float(value))
+    ''')
+    try:
+        assert "ext_metrics_pkg" not in sys.modules
+        metric = create_metric("ext-metric")
+        assert type(metric).name == "ext-metric" and "ext_metrics_pkg" in sys.modules
+        assert available_metrics()["ext-metric"]["direction"] == "lower"
+        with pytest.raises(ValueError, match="has no parameter"):
+            create_metric("ext-metric", tau=0.5)
+    finally:
+        metrics.pop("ext-metric", None)
+        sys.modules.pop("ext_metrics_pkg", None)
+
+
+def test_a_misdeclared_metric_entry_point_fails_when_loaded(tmp_path, monkeypatch):
+    from evalkit.metrics import get_metric_class
+
+    _entry_point_package(tmp_path, monkeypatch, "bad_metrics_pkg", "evalkit.metrics", "bad-metric", '''
+        from evalkit.metrics import Metric
+
+        class Ext(Metric):
+            category = "map-statistics"
+            direction = "sideways"
+    ''')
+    try:
+        with pytest.raises(ValueError, match="direction must be one of"):
+            get_metric_class("bad-metric")
+    finally:
+        sys.modules.pop("bad_metrics_pkg", None)
+
+
+def test_one_registry_shape_for_methods_metrics_and_protocols():
+    """The three registries share evalkit.registry: the same errors (a KeyError printing its message), the same
+    duplicate rule, and names set by the decorator."""
+    from evalkit.metrics import UnknownMetricError, get_metric_class
+    from evalkit.protocols import UnknownProtocolError, get_protocol
+    from evalkit.registry import Registry, UnknownNameError
+
+    for error, lookup, wrong in ((UnknownMethodError, create_method, "dam"),
+                                 (UnknownMetricError, get_metric_class, "miou8"),
+                                 (UnknownProtocolError, get_protocol, "seed-contrl")):
+        with pytest.raises(error) as info:
+            lookup(wrong)
+        assert isinstance(info.value, UnknownNameError) and isinstance(info.value, KeyError)
+        assert str(info.value).startswith("unknown ") and "did you mean" in str(info.value)
+
+    class Base:
+        name = ""
+
+    reg = Registry("widget", Base, None)
+
+    @reg.register("a")
+    class A(Base):
+        def __init__(self, size: int = 1) -> None:
+            self.size = size
+
+    assert A.name == "a" and reg.get("a") is A and reg.all() == {"a": A} and reg.create("a", size=3).size == 3
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a")(type("Other", (Base,), {}))
+    with pytest.raises(TypeError, match="expects a Base subclass"):
+        reg.register("b")(int)
+    with pytest.raises(UnknownNameError, match="unknown widget 'b'"):
+        reg.get("b")

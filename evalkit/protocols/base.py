@@ -5,13 +5,13 @@ other packages add theirs through the ``evalkit.protocols`` entry-point group, l
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..registry import Registry, UnknownNameError
 
 if TYPE_CHECKING:
     from ..items import Case, EvalItem
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from ..metrics import MetricResult
 
 ENTRY_POINT_GROUP = "evalkit.protocols"
-_REGISTRY: dict[str, type[Protocol]] = {}
 
 
 @dataclass
@@ -126,59 +125,24 @@ class Protocol:
         return {"variants": [v.model_dump() for v in spec.variants]}
 
 
-class UnknownProtocolError(KeyError):
+class UnknownProtocolError(UnknownNameError):
     """A protocol name that is neither registered nor an entry point."""
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol", Protocol, ENTRY_POINT_GROUP, UnknownProtocolError)
+_REGISTRY = PROTOCOLS.classes  # the registered classes by name
 
 
 def register_protocol(name: str) -> Callable[[type[Protocol]], type[Protocol]]:
     """Class decorator: register a :class:`Protocol` subclass under ``name``."""
-
-    def decorate(cls: type[Protocol]) -> type[Protocol]:
-        if not (inspect.isclass(cls) and issubclass(cls, Protocol)):
-            raise TypeError(f"@register_protocol({name!r}) expects a Protocol subclass, got {cls!r}")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-            raise ValueError(f"protocol {name!r} is already registered by {existing.__module__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def _entry_points() -> dict:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def _load_entry_point(name: str) -> type[Protocol] | None:
-    ep = _entry_points().get(name)
-    if ep is None:
-        return None
-    cls = ep.load()
-    if not (inspect.isclass(cls) and issubclass(cls, Protocol)):
-        raise TypeError(f"entry point {name!r} ({ep.value}) is not a Protocol subclass")
-    if name not in _REGISTRY:
-        register_protocol(name)(cls)
-    return _REGISTRY[name]
+    return PROTOCOLS.register(name)
 
 
 def get_protocol(name: str) -> Protocol:
     """The protocol registered as ``name``; unknown names raise with a "did you mean" suggestion."""
-    cls = _REGISTRY.get(name) or _load_entry_point(name)
-    if cls is None:
-        known = sorted(set(_REGISTRY) | set(_entry_points()))
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownProtocolError(f"unknown protocol {name!r}{hint} (known: {', '.join(known)})")
-    return cls()
+    return PROTOCOLS.get(name)()
 
 
 def available_protocols() -> dict[str, str]:
     """Every known protocol name with its one-line summary (loads entry points)."""
-    for ep_name in _entry_points():
-        if ep_name not in _REGISTRY:
-            _load_entry_point(ep_name)
-    return {name: cls.summary for name, cls in sorted(_REGISTRY.items())}
+    return {name: cls.summary for name, cls in PROTOCOLS.all().items()}
