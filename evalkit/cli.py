@@ -54,38 +54,35 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+def _print_rows(rows: dict[str, str]) -> int:
+    """Names in an aligned column, then their description."""
+    width = max(len(n) for n in rows)
+    for name, text in rows.items():
+        print(f"{name:<{width}}  {text}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     """Print one line per registered attribution method."""
     from .methods import available_methods
 
-    methods = available_methods()
-    width = max(len(n) for n in methods)
-    for name, summary in methods.items():
-        print(f"{name:<{width}}  {summary}")
-    return 0
+    return _print_rows(available_methods())
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     """Print one line per registered metric: name, direction, category and summary."""
     from .metrics import available_metrics
 
-    metrics = available_metrics()
-    width = max(len(n) for n in metrics)
-    for name, info in metrics.items():
-        arrow = "↑" if info.get("direction") == "higher" else "↓"
-        print(f"{name:<{width}}  {arrow} {info.get('category', ''):<15} {info.get('summary', '')}")
-    return 0
+    return _print_rows({name: f"{'↑' if info.get('direction') == 'higher' else '↓'} "
+                              f"{info.get('category', ''):<15} {info.get('summary', '')}"
+                        for name, info in available_metrics().items()})
 
 
 def cmd_protocols(args: argparse.Namespace) -> int:
     """Print one line per registered suite protocol."""
     from .protocols import available_protocols
 
-    protocols = available_protocols()
-    width = max(len(n) for n in protocols)
-    for name, summary in protocols.items():
-        print(f"{name:<{width}}  {summary}")
-    return 0
+    return _print_rows(available_protocols())
 
 
 def cmd_check_method(args: argparse.Namespace) -> int:
@@ -390,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evalkit: interrupted (a suite resumes from its cache on the next run)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `evalkit metrics | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except Exception as err:  # noqa: BLE001 - the last resort: one line and a log, exit 3
         from .preflight import EnvironmentProblem
 

@@ -81,3 +81,19 @@ def test_console_script_runs():
     res = subprocess.run([sys.executable, "-m", "evalkit.cli", "--plugins", "no_such_mod", "methods"],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 2 and "cannot import 'no_such_mod'" in res.stderr
+
+
+def test_a_closed_output_pipe_is_a_quiet_exit_not_an_internal_error(tmp_path):
+    """`evalkit metrics | head -1`: when the reader has gone, evalkit stops quietly (141, as after SIGPIPE)
+    without an "internal error" line or a traceback log."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        res = subprocess.run([sys.executable, "-m", "evalkit.cli", "metrics"], stdout=write, stderr=subprocess.PIPE,
+                             text=True, cwd=tmp_path, check=False)
+    finally:
+        os.close(write)
+    assert res.returncode == 141 and res.stderr == ""
+    assert not (tmp_path / "reports").exists()

@@ -181,3 +181,17 @@ def test_grouping_launches_a_fixed_number_of_kernels_per_layer_geometry(tiny_pip
     assert 0 < added <= 5 * len(geometries)
     assert per_call >= 3 * len(layers)  # matmul, softmax, add at every layer
     assert added < per_call
+
+
+def test_half_precision_models_record_fp32_statistics_either_way():
+    """A bfloat16 pipeline (as fp16 on a GPU): the grouped path casts the stacked queries to fp32 like the
+    per-call path does, so both give the same fp32 statistics."""
+    from evalkit.models import load
+
+    pipe = load("tiny-sd").to(torch.bfloat16)
+    kw = dict(seeds=[1, 2], steps=2, height=SIZE, width=SIZE, stats={"attn", "norm", "norm_sq"})
+    fast = generate(pipe, ["a red bird", "a big dog"], **kw).traces
+    slow = generate(pipe, ["a red bird", "a big dog"], defer=False, **kw).traces
+    for tf, ts in zip(fast, slow):
+        assert {t.dtype for ts_ in tf.stats.values() for t in ts_} == {torch.float32}
+        _close(tf.stats, ts.stats)
