@@ -172,16 +172,6 @@ def test_sentencepiece_words_split_punctuation_and_join_pieces():
         tokens.positions("bird")  # whole words only: "birdhouse" is not "bird"
 
 
-def test_attention_edits_on_an_mmdit_are_a_clear_error(pipe):
-    from evalkit.interventions import HeadAblation
-    from evalkit.trace import model_head_names
-
-    name = "tiny-sd3" if type(pipe.transformer).__name__ == "SD3Transformer2DModel" else "tiny-flux"
-    heads = model_head_names(name)[:1]
-    with pytest.raises(ValueError, match="traced read-only: run this intervention on a UNet model"):
-        generate(pipe, PROMPT, seeds=0, steps=1, interventions=[HeadAblation(heads=heads)])
-
-
 def test_a_unet_scheduler_name_keeps_the_flow_matching_scheduler(pipe):
     from evalkit.models import set_scheduler
 

@@ -9,7 +9,17 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..trace import Trace, find_cross_attention_layers, generate, tokenize_prompt
+from ..trace import (
+    Trace,
+    default_image_hw,
+    denoiser_of,
+    find_cross_attention_layers,
+    find_joint_attention_layers,
+    generate,
+    is_mmdit,
+    pipeline_tokenizer,
+    tokenize_prompt,
+)
 from . import TokenRemoval
 
 
@@ -39,9 +49,14 @@ def auto_batch_size(pipe, n_items: int, stats: Iterable[str], height: int, width
     latent = (height // scale, width // scale)
     per_item = 0
     n_stats = max(len(set(stats)), 1)
-    for info, _ in find_cross_attention_layers(pipe.unet):
+    denoiser = denoiser_of(pipe)
+    if is_mmdit(denoiser):  # text keys: CLIP + T5 (SD3) or T5 (Flux); joint attention runs fused, chunked
+        layers, n_keys = [info for info, *_ in find_joint_attention_layers(denoiser)], pipeline_tokenizer(pipe).n_keys
+    else:
+        layers, n_keys = [info for info, _ in find_cross_attention_layers(denoiser)], 77
+    for info in layers:
         h, w = info.grid(latent)
-        per_item += info.heads * h * w * 77 * 4 * (n_stats + 2)  # sums + transient probabilities
+        per_item += info.heads * h * w * n_keys * 4 * (n_stats + 2)  # sums + transient probabilities
     q = latent[0] * latent[1]
     per_item += 2 * 4 * (q * q * 8 + q * 4 * 320 * 6)  # self-attention scores and feature maps, both CFG rows
     if budget_bytes is None:
@@ -69,12 +84,11 @@ def token_removal_sweep(
     batch_size: int | None = None,
 ) -> RemovalSweep:
     """Generate the baseline and each removal (K+1 items, identical initial noise per item)."""
-    words = list(words) if words is not None else prompt_words(pipe.tokenizer, prompt)
+    words = list(words) if words is not None else prompt_words(pipeline_tokenizer(pipe), prompt)
     keys = [""] + words
     prompts = {"": prompt, **{w: TokenRemoval(w).rewrite(prompt) for w in words}}
-    scale = int(getattr(pipe, "vae_scale_factor", 8))
-    height = height or pipe.unet.config.sample_size * scale
-    width = width or pipe.unet.config.sample_size * scale
+    default_h, default_w = default_image_hw(pipe)
+    height, width = height or default_h, width or default_w
     stats = set(stats)
     bs = batch_size or auto_batch_size(pipe, len(keys), stats, height, width)
     images: dict[str, Image.Image] = {}

@@ -13,6 +13,7 @@ from PIL import Image
 from .batch import StepBatch
 from .concept import DEFAULT_EXTRA, ConceptStream, concept_embeddings
 from .joint import READINGS, JointTracingProcessor, find_joint_attention_layers, is_mmdit, pipeline_tokenizer, t5_length
+from .joint_edits import attach_joint_edit, check_joint_edit
 from .layers import LayerInfo, find_cross_attention_layers
 from .processor import STAT_DOCS, LayerEdit, LayerRecorder, TracingAttnProcessor
 from .record import Trace
@@ -62,13 +63,12 @@ class Tracer:
         self.layers = ([(info, module) for info, module, _, _ in self._joint_layers] if self.joint
                        else find_cross_attention_layers(unet))
         self.edits = dict(edits or {})
-        if self.joint and self.edits:
-            raise ValueError("attention edits (head removal, steering, reweighting) act on UNet cross-attention "
-                             f"layers; {type(unet).__name__} is traced read-only: run this intervention on a "
-                             "UNet model")
         unknown = set(self.edits) - {info.name for info, _ in self.layers}
         if unknown:
-            raise ValueError(f"edits name layers the UNet does not have: {sorted(unknown)[:3]}")
+            raise ValueError(f"edits name layers the {type(unet).__name__} does not have: {sorted(unknown)[:3]}")
+        for info, module in self.layers if self.joint else []:
+            if info.name in self.edits:
+                check_joint_edit(info.name, module, self.edits[info.name])
         self.recorders: list[LayerRecorder] = []
         self._originals: list[tuple[torch.nn.Module, object]] = []
         self._hooks: list = []
@@ -128,6 +128,10 @@ class Tracer:
             blocks = [(i, block) for i, (_, _, kind, block) in enumerate(self._joint_layers) if kind != "flux-single"]
             self.concepts = ConceptStream(self.unet, self.concept_embeddings, rows, blocks, self.concept_pooled)
             self.concepts.install()
+        for info, module, kind, block in self._joint_layers:  # edits first: the tracer's hooks see their result
+            if info.name in self.edits:
+                self._hooks.extend(attach_joint_edit(module, kind, block, self.edits[info.name], rows,
+                                                     lambda: self._text_len))
         for info, module, kind, block in self._joint_layers:
             observer = self.observers.get(info.name)
             stream = self.concepts if kind != "flux-single" else None
