@@ -31,10 +31,11 @@ POS_METRICS = {"avg-kl", "specificity"}
 
 def _pos_words(pipe, spec, item) -> list[str]:
     from ..interventions import prompt_words
+    from ..trace import pipeline_tokenizer
 
     if spec.options.get("words", "all") == "nouns":
         return item.words
-    return prompt_words(pipe.tokenizer, item.prompt)
+    return prompt_words(pipeline_tokenizer(pipe), item.prompt)  # the text keys' words (T5's on Flux)
 
 
 def _pos_compute(pipe, spec, case, variants, method, stats):
