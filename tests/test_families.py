@@ -254,3 +254,28 @@ def test_full_geometry_random_weights_load_trace_and_attribute(bench, family):
     evalkit's loader, as ``nox -s bench`` runs them (SDXL: ~8 GB of memory, 2-3 minutes on 2 cores)."""
     result = bench.run_family(family, size=128, steps=2, dtype="bfloat16", save=True)
     assert bench.problems(result) == []
+
+
+def test_hrv_model_without_the_methods_concept_is_skipped_with_a_notice(tmp_path, capsys):
+    """`hrv: model` resolves to vectors that fit the model's heads; when they were not built for the method's
+    concept (tiny-sdxl's own vectors know Shapes, not Animals) the method is skipped with its claims and a
+    notice, as when no vectors fit; asked for by --methods it is bad input (exit 2) before generating."""
+    from evalkit.suites import load_suite, resolve_model_hrv
+
+    suite = tmp_path / "concept.yaml"
+    suite.write_text("include: task-a.yaml\nname: concept\nmodel: tiny-sdxl\nmethods:\n  - {name: daam}\n"
+                     "  - {name: hrv-selective, id: hrv-animals, params: {hrv: model, concept: Animals, k: 0.23}}\n"
+                     "  - {name: hrv-selective, id: hrv-shapes, params: {hrv: model, concept: Shapes, k: 0.23}}\n"
+                     "expect:\n  - hrv-animals.miou-inf_tau0.4 >= daam.miou-inf_tau0.4\n"
+                     "  - hrv-shapes.miou-inf_tau0.4 >= daam.miou-inf_tau0.4\n")
+    spec = resolve_model_hrv(load_suite(str(suite)))
+    assert [m.label for m in spec.methods] == ["daam", "hrv-shapes"]
+    assert spec.methods[1].params["hrv"] == "tiny-sdxl"
+    assert spec.expect == ["hrv-shapes.miou-inf_tau0.4 >= daam.miou-inf_tau0.4"]
+    out = capsys.readouterr().out
+    assert "hrv-animals skipped: the model's head relevance vectors (tiny-sdxl) have no concept 'Animals'" in out
+    run = ["run", str(suite), "--methods", "hrv-animals", "--limit", "1", "--no-mlflow", "--cache-dir",
+           str(tmp_path / "c"), "--reports-dir", str(tmp_path / "r")]
+    assert main(run) == 2
+    assert "have no concept 'Animals' (concepts: Shapes" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -190,7 +190,21 @@ def resolve_model_hrv(spec: SuiteSpec, requested: list[str] | None = None) -> Su
         for m in users:
             print(f"{m.label} skipped: {str(err).split(': ', 1)[-1]}")
         return select_methods(spec, [m.label for m in spec.methods if m not in users])
-    methods = [m.model_copy(update={"params": {**m.params, "hrv": found}}) if m in users else m for m in spec.methods]
+    from ..methods import HeadRelevance
+
+    known = HeadRelevance.load(found).vectors
+    lacking = [m for m in users if m.params.get("concept") is not None and m.params["concept"] not in known]
+    for m in lacking:  # vectors fit the model's heads but were not built for this concept
+        why = (f"{m.label}: the model's head relevance vectors ({found}) have no concept {m.params['concept']!r} "
+               f"(concepts: {', '.join(known)}); build vectors for it (evalkit.analysis.build_hrv) or set "
+               f"params.hrv to a file that has it")
+        if (requested and (m.label in requested or m.name in requested)) or len(lacking) == len(spec.methods):
+            raise SuiteError(f"suite {spec.name!r}: {why}")
+        print(f"{m.label} skipped: {why.split(': ', 1)[1]}")
+    if lacking:
+        spec = select_methods(spec, [m.label for m in spec.methods if m not in lacking])
+    methods = [m.model_copy(update={"params": {**m.params, "hrv": found}}) if m.params.get("hrv") == "model" else m
+               for m in spec.methods]
     return spec.model_copy(update={"methods": methods})
 
 

@@ -191,19 +191,24 @@ def load_suite(name_or_path: str, overrides: dict | None = None) -> SuiteSpec:
 
 def _resolve_model_hrv(spec: SuiteSpec, origins, path: Path) -> None:
     """A method's ``hrv: model`` becomes the vectors that fit the suite's model (after ``--model``): its own
-    ``hrv.json`` or the shipped sd14 / sdxl vectors whose heads are its UNet's. When none fit, ``model`` stays:
+    ``hrv.json`` or the shipped sd14 / sdxl vectors whose heads are its UNet's. When none fit (or they lack the
+    method's concept), ``model`` stays:
     :func:`evalkit.suites.resolve_model_hrv` (run, validate) then skips the method with a notice, as ``evalkit
     attribute`` skips hrv-selective, or fails naming it when ``--methods`` asks for it."""
     rows = [(i, m) for i, m in enumerate(spec.methods) if m.params.get("hrv") == "model"]
     if not rows:
         return
+    from ..methods import HeadRelevance
     from ..protocols import model_hrv
 
     for _, m in rows:
         try:
-            m.params["hrv"] = model_hrv(spec.model, m.label, "method")
+            found = model_hrv(spec.model, m.label, "method")
         except ValueError:
             continue
+        concept = m.params.get("concept")
+        if concept is None or concept in HeadRelevance.load(found).vectors:
+            m.params["hrv"] = found  # else `model` stays and the method is skipped: no vectors for its concept
 
 
 def _check_names(spec: SuiteSpec, origins, path: Path) -> None:
