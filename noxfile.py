@@ -89,10 +89,14 @@ def bench(session: nox.Session) -> None:
     """Tracing overhead and memory, then first run vs identical rerun of task-a (ratios measured in one run), the Ray
     executor, SD 1.5 / SD 2.1 / SDXL at full geometry with random weights (benchmarks/bench_families.py), and
     MM-DiT tracing overhead at SD3 / Flux width (benchmarks/bench_mmdit.py);
-    `-- --device cuda`: the GPU benchmark (untraced vs evalkit vs daam 0.2.0, benchmarks/bench_gpu.py)."""
+    `-- --device cuda`: the GPU benchmarks (untraced vs evalkit vs daam 0.2.0, benchmarks/bench_gpu.py; then SD3
+    and Flux at full block counts, 1024 px, bfloat16, benchmarks/bench_mmdit.py)."""
     ensure_env(session)
-    if any(a.startswith("--device") for a in session.posargs):  # `-- --device cuda`: the GPU benchmark
+    if any(a.startswith("--device") for a in session.posargs):  # `-- --device cuda`: the GPU benchmarks
         session.run(PY, "benchmarks/bench_gpu.py", *session.posargs, env=_env())
+        device = [a for a in session.posargs if a.startswith("--device")]
+        device += [session.posargs[session.posargs.index("--device") + 1]] if "--device" in session.posargs else []
+        session.run(PY, "benchmarks/bench_mmdit.py", *device, env=_env())
         return
     session.run(PY, "benchmarks/bench_trace.py", *session.posargs, env=_env())
     session.run(PY, "benchmarks/bench_rerun.py", *(["--check"] if "--check" in session.posargs else []), env=_env())

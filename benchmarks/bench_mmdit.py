@@ -12,7 +12,9 @@ float32. The transformer is called directly on 256 px latents (16 x 16 tokens) w
 - ``+concept``: the same plus ConceptAttention's concept stream (6 concepts through every joint/double block).
 
 Repetitions alternate the three variants (ABBA order) and medians are compared; process CPU time is shown
-too. Benchmarks report, they do not assert.
+too. ``--device cuda`` runs the same in bfloat16 at 1024 px with the full block counts (SD3 medium: 24 joint
+blocks; FLUX.1: 19 double + 38 single) and adds peak GPU memory; ``nox -s bench -- --device cuda`` runs it
+after ``bench_gpu.py``. Benchmarks report, they do not assert.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from evalkit.trace import Tracer  # noqa: E402
 
@@ -39,27 +42,48 @@ STATS = ("attn", "norm", "norm_sq")
 N_CONCEPTS = 6
 
 
-def _inputs(kind: str, gen: torch.Generator) -> dict:
-    """Random inputs of one denoiser call at 256 px."""
+def _configs(size: int, blocks: tuple[int, int, int]) -> tuple[dict, dict]:
+    """SD3 and Flux configs at ``size`` px with ``blocks`` = (SD3 joint, Flux double, Flux single blocks)."""
+    sd3 = {**SD3, "sample_size": size // 8, "num_layers": blocks[0], "pos_embed_max_size": max(96, size // 16)}
+    flux = {**FLUX, "num_layers": blocks[1], "num_single_layers": blocks[2]}
+    return sd3, flux
+
+
+def _inputs(kind: str, gen: torch.Generator, size: int = 256, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> dict:
+    """Random inputs of one denoiser call at ``size`` px (made on the CPU generator, then moved)."""
+    side = size // 16  # tokens per side: SD3 patchifies the 1/8 latent 2x2, Flux packs 2x2 latent patches
     if kind == "sd3":
-        return {"hidden_states": torch.randn(2, 16, 32, 32, generator=gen),
-                "encoder_hidden_states": torch.randn(2, 77 + 256, 4096, generator=gen),
-                "pooled_projections": torch.randn(2, 2048, generator=gen),
-                "timestep": torch.tensor([500.0, 500.0])}
-    tokens = 16 * 16
-    rows, cols = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)  # (id 0, row, column)
-    return {"hidden_states": torch.randn(1, tokens, 64, generator=gen),
-            "encoder_hidden_states": torch.randn(1, 256, 4096, generator=gen),
-            "pooled_projections": torch.randn(1, 768, generator=gen), "timestep": torch.tensor([0.5]),
-            "img_ids": img_ids, "txt_ids": torch.zeros(256, 3)}
+        out = {"hidden_states": torch.randn(2, 16, size // 8, size // 8, generator=gen),
+               "encoder_hidden_states": torch.randn(2, 77 + 256, 4096, generator=gen),
+               "pooled_projections": torch.randn(2, 2048, generator=gen),
+               "timestep": torch.tensor([500.0, 500.0])}
+    else:
+        rows, cols = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)  # (id 0, row, column)
+        out = {"hidden_states": torch.randn(1, side * side, 64, generator=gen),
+               "encoder_hidden_states": torch.randn(1, 256, 4096, generator=gen),
+               "pooled_projections": torch.randn(1, 768, generator=gen), "timestep": torch.tensor([0.5]),
+               "img_ids": img_ids, "txt_ids": torch.zeros(256, 3)}
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() and not k.endswith("ids") else v.dtype)
+            for k, v in out.items()}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
-def _run(model, inputs: dict, variant: str, cfg: bool, steps: int) -> tuple[float, float]:
-    """Wall and CPU seconds of ``steps`` denoiser calls under ``variant``."""
+def _run(model, inputs: dict, variant: str, cfg: bool, steps: int) -> tuple[float, float, int | None]:
+    """Wall and CPU seconds and peak device bytes (None on the CPU) of ``steps`` denoiser calls under ``variant``."""
     stats = {"untraced": (), "attn+norm": STATS, "+concept": (*STATS, "concept")}[variant]
-    concepts = torch.randn(N_CONCEPTS, 4096) if "concept" in stats else None
+    param = next(model.parameters())
+    device = str(param.device)
+    concepts = torch.randn(N_CONCEPTS, 4096, dtype=param.dtype, device=param.device) if "concept" in stats else None
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     wall, cpu = time.perf_counter(), time.process_time()
     if stats:
         with Tracer(model, stats, n_cond=1, cfg=cfg, concept_embeddings=concepts):
@@ -68,18 +92,24 @@ def _run(model, inputs: dict, variant: str, cfg: bool, steps: int) -> tuple[floa
     else:
         for _ in range(steps):
             model(**inputs, return_dict=False)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return time.perf_counter() - wall, time.process_time() - cpu, peak
 
 
-def bench(kind: str, reps: int, steps: int) -> dict[str, float]:
-    """Median seconds per variant over ``reps`` ABBA-ordered repetitions."""
+def bench(kind: str, reps: int, steps: int, size: int = 256, blocks: tuple[int, int, int] = (2, 1, 1),
+          device: str = "cpu",
+          dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Median seconds (and peak bytes on a GPU) per variant over ``reps`` ABBA-ordered repetitions."""
     torch.manual_seed(0)
-    model = (SD3Transformer2DModel(**SD3) if kind == "sd3" else FluxTransformer2DModel(**FLUX)).eval()
-    inputs = _inputs(kind, torch.Generator().manual_seed(0))
+    sd3, flux = _configs(size, blocks)
+    model = (SD3Transformer2DModel(**sd3) if kind == "sd3" else FluxTransformer2DModel(**flux)).eval()
+    model = model.to(device=device, dtype=dtype)
+    inputs = _inputs(kind, torch.Generator().manual_seed(0), size, device, dtype)
     cfg = kind == "sd3"
     variants = ["untraced", "attn+norm", "+concept"]
     _run(model, inputs, "untraced", cfg, 1)  # warm-up
-    times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    times: dict[str, list[tuple[float, float, int | None]]] = {v: [] for v in variants}
     for r in range(reps):
         for v in (variants if r % 2 == 0 else variants[::-1]):
             times[v].append(_run(model, inputs, v, cfg, steps))
@@ -87,22 +117,43 @@ def bench(kind: str, reps: int, steps: int) -> dict[str, float]:
     for v in variants:
         out[v] = statistics.median(t[0] for t in times[v])
         out[v + " cpu"] = statistics.median(t[1] for t in times[v])
+        if times[v][0][2] is not None:
+            out[v + " peak"] = max(t[2] for t in times[v])
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 repetition of 1 step (a smoke run)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: then bfloat16, 1024 px and the full "
+                                                    "block counts unless --dtype/--size/--blocks say otherwise")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ap.add_argument("--size", type=int, default=None, help="pixels (CPU default 256, GPU 1024)")
+    ap.add_argument("--blocks", type=int, nargs=3, default=None, metavar=("SD3", "FLUX_DOUBLE", "FLUX_SINGLE"),
+                    help="SD3 joint blocks, Flux double- and single-stream blocks; CPU default 2 1 1, GPU 24 19 38")
     args = ap.parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # model.to(dtype) on configs built here warns about nothing
+    gpu = args.device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    size = args.size or (1024 if gpu else 256)
+    blocks = tuple(args.blocks or ((24, 19, 38) if gpu else (2, 1, 1)))
     reps, steps = (1, 1) if args.quick else (4, 2)
-    print(f"MM-DiT tracing overhead (CPU, {torch.get_num_threads()} threads, 256 px, {steps} calls x {reps} reps, "
-          "medians)")
+    where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"MM-DiT tracing overhead ({where}, {str(dtype).removeprefix('torch.')}, {size} px, SD3 {blocks[0]} joint "
+          f"blocks, Flux {blocks[1]} double + {blocks[2]} single blocks, {steps} calls x {reps} reps, medians)")
     for kind in ("sd3", "flux"):
-        r = bench(kind, reps, steps)
+        r = bench(kind, reps, steps, size, blocks, args.device, dtype)
         base, cpu = r["untraced"], r["untraced cpu"]
-        print(f"  {kind:5s} untraced {base:6.2f} s | attn+norm {r['attn+norm']:6.2f} s "
-              f"({r['attn+norm'] / base:.2f}x) | +concept {r['+concept']:6.2f} s ({r['+concept'] / base:.2f}x)"
-              f" | cpu ratios {r['attn+norm cpu'] / cpu:.2f}x / {r['+concept cpu'] / cpu:.2f}x")
+        line = (f"  {kind:5s} untraced {base:6.2f} s | attn+norm {r['attn+norm']:6.2f} s "
+                f"({r['attn+norm'] / base:.2f}x) | +concept {r['+concept']:6.2f} s ({r['+concept'] / base:.2f}x)"
+                f" | cpu ratios {r['attn+norm cpu'] / cpu:.2f}x / {r['+concept cpu'] / cpu:.2f}x")
+        if "untraced peak" in r:
+            peak = r["untraced peak"]
+            line += (f" | peak {peak / 2**30:.2f} GiB, x{r['attn+norm peak'] / peak:.3f} / "
+                     f"x{r['+concept peak'] / peak:.3f}")
+        print(line)
 
 
 if __name__ == "__main__":
