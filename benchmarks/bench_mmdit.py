@@ -103,8 +103,9 @@ def bench(kind: str, reps: int, steps: int, size: int = 256, blocks: tuple[int, 
     """Median seconds (and peak bytes on a GPU) per variant over ``reps`` ABBA-ordered repetitions."""
     torch.manual_seed(0)
     sd3, flux = _configs(size, blocks)
-    model = (SD3Transformer2DModel(**sd3) if kind == "sd3" else FluxTransformer2DModel(**flux)).eval()
-    model = model.to(device=device, dtype=dtype)
+    with torch.device(device):  # built where it runs: FLUX.1's 12 B random parameters would take minutes on a CPU
+        model = (SD3Transformer2DModel(**sd3) if kind == "sd3" else FluxTransformer2DModel(**flux)).eval()
+    model = model.to(dtype=dtype)
     inputs = _inputs(kind, torch.Generator().manual_seed(0), size, device, dtype)
     cfg = kind == "sd3"
     variants = ["untraced", "attn+norm", "+concept"]
