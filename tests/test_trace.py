@@ -144,3 +144,19 @@ def test_norm_sums_from_attention_sums_equal_per_step_accumulation(tiny_pipe, mo
     bird = factored[0][0].tokens.positions("bird")[0]
     plain, steered = (f[0].stats["norm"][up0][0, :, bird] for f in factored)
     assert not torch.allclose(plain, steered)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd3"])
+def test_generation_under_inference_mode_records_the_same_statistics(model):
+    """Inference tensors have no version counter (the value-segment key reads it): under torch.inference_mode
+    every call is its own segment, and the statistics equal those of a no_grad generation."""
+    from evalkit.models import load
+
+    pipe = load(model)
+    kw = dict(seeds=0, steps=2, height=64, width=64, stats={"attn", "norm", "norm_sq"})
+    with torch.inference_mode():
+        fast = generate(pipe, "a red bird", **kw).traces[0]
+    plain = generate(pipe, "a red bird", **kw).traces[0]
+    for name in kw["stats"]:
+        for a, b in zip(fast.stats[name], plain.stats[name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

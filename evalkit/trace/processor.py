@@ -264,9 +264,14 @@ class TracingAttnProcessor:
         self._context_version = -1
         self._context_serial = 0
 
-    def value_key(self, encoder_hidden_states: torch.Tensor, value_edited: bool) -> tuple:
+    def value_key(self, encoder_hidden_states: torch.Tensor, value_edited: bool) -> tuple | None:
         """A key that stays equal while this layer's value vectors cannot have changed: the same
-        ``encoder_hidden_states`` tensor object (alive, same version counter) and the same value edit."""
+        ``encoder_hidden_states`` tensor object (alive, same version counter) and the same value edit. None for
+        a tensor made under ``torch.inference_mode`` (it has no version counter): every call is then its own
+        segment, which stays exact."""
+        if encoder_hidden_states.is_inference():
+            self._context = None
+            return None
         same = (self._context is not None and self._context() is encoder_hidden_states
                 and encoder_hidden_states._version == self._context_version)
         if not same:
