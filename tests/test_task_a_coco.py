@@ -156,3 +156,8 @@ def test_suite_defaults_and_set_overrides(folders) -> None:
     assert over.sampler.steps == 1 and over.sampler.guidance == 7.5
     with pytest.raises(SuiteError, match="must look like KEY=VALUE"):
         parse_set(["sampler.steps"])
+    # a bad value from the command line is named as the override, not as the suite file's line it replaced
+    with pytest.raises(SuiteError, match=r"^command-line override sampler.steps='abc': sampler.steps: Input should"):
+        load_suite("task-a-coco", parse_set(["sampler.steps=abc"]))
+    with pytest.raises(SuiteError, match=r"^command-line override sampler.stepz=3: unknown key .*did you mean 'steps'"):
+        load_suite("task-a-coco", parse_set(["sampler.stepz=3"]))

@@ -129,6 +129,21 @@ def _line(origins: dict[str, tuple[Path, yaml.Node]], loc: tuple, default: Path)
     return f"{path}:{node.start_mark.line + 1}"
 
 
+def _overridden(overrides: dict | None, loc: tuple) -> str | None:
+    """``override KEY=VALUE`` when the value at ``loc`` came from the command line (``--set``, ``--model``), not
+    from a file."""
+    node: Any = overrides
+    keys: list[str] = []
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+        keys.append(str(part))
+        if not isinstance(node, dict):
+            return f"command-line override {'.'.join(keys)}={node!r}"
+    return None
+
+
 def _suggest(field: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(field, allowed, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
@@ -175,7 +190,7 @@ def load_suite(name_or_path: str, overrides: dict | None = None) -> SuiteSpec:
         errors = err.errors()
         e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo explains a "missing"
         loc = tuple(e["loc"])
-        where = _line(origins, loc, path)
+        where = _overridden(overrides, loc) or _line(origins, loc, path)
         field = ".".join(str(x) for x in loc)
         if e["type"] == "extra_forbidden":
             msg = f"{where}: unknown key {field!r}{_suggest(str(loc[-1]), _allowed_fields(loc))}"
