@@ -1,6 +1,7 @@
 """Interventions on MM-DiT models (evalkit.trace.joint_edits): head removal equals zeroing the head's columns of
 the output projections, value steering scales exactly the chosen (head, token) values of the conditional rows
-during its window (the recorded value norms show it), and reweighting is a clear error."""
+during its window (the recorded value norms show it), and reweighting equals an explicit float64 attention with
+the edited block (and is what the tracer records)."""
 
 from __future__ import annotations
 
@@ -92,10 +93,83 @@ def test_value_steering_window_and_identity(pipe):
                               plain)
 
 
-def test_reweighting_on_an_mmdit_is_a_clear_error(pipe):
-    heads = _layers(pipe)[0][0].head_names()[:1]
-    with pytest.raises(ValueError, match="run reweighting .* on a UNet model; head removal and value steering work"):
-        generate(pipe, PROMPT, **KW, interventions=[HeadReweighting(heads)])
+def _first_layer_io(pipe, monkeypatch, interventions=()):
+    """The (q, k, v) handed to the transformer's first scaled-dot-product attention (its first joint layer) and
+    what enters that layer's image output projection, in a one-step generation."""
+    import torch.nn.functional as F
+
+    info, attn, kind, block = _layers(pipe)[0]
+    seen: dict = {}
+    real = F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        if seen.get("inside"):  # the transformer's calls, not the text encoders'
+            seen.setdefault("qkv", (query.detach().double(), key.detach().double(), value.detach().double()))
+        return real(query, key, value, *args, **kwargs)
+
+    if not interventions:
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    hooks = [attn.to_out[0].register_forward_pre_hook(lambda _m, args: seen.setdefault("out", args[0].detach())),
+             pipe.transformer.register_forward_pre_hook(lambda *_: seen.update(inside=True)),
+             pipe.transformer.register_forward_hook(lambda *_: seen.update(inside=False))]
+    try:
+        generate(pipe, PROMPT, stats=(), seeds=0, steps=1, height=64, width=64, interventions=list(interventions))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        monkeypatch.undo()
+    return seen
+
+
+def test_reweighting_equals_an_explicit_reference(pipe, monkeypatch):
+    """HRV-style weakening (factor -2 on the prompt's word tokens in one head of the first layer): the layer's
+    attention output equals softmax(q k^T / sqrt(d)) v computed here in float64 from the model's own q, k, v,
+    with the image-query x word-key block of that head multiplied by -2 in the conditional rows only."""
+    from evalkit.interventions import semantic_positions
+    from evalkit.trace import pipeline_tokenizer, tokenize_prompt
+
+    info = _layers(pipe)[0][0]
+    head = 1
+    plain = _first_layer_io(pipe, monkeypatch)
+    edited = _first_layer_io(pipe, monkeypatch, [HeadReweighting([info.head_names()[head]], factor=-2.0)])
+    q, k, v = plain["qkv"]
+    flux = type(pipe.transformer).__name__.startswith("Flux")
+    tokens = tokenize_prompt(pipeline_tokenizer(pipe), PROMPT)
+    t, n = tokens.max_length, q.shape[2]
+    image, text0 = (slice(t, n), 0) if flux else (slice(0, n - t), n - t)
+    rows = slice(0, 1) if flux else slice(1, 2)  # Flux: no guidance batch; SD3: [uncond; cond]
+    probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    cols = [text0 + p for p in semantic_positions(tokens)]
+    block = probs[rows, head, image, :]  # a view into probs
+    block[..., cols] = block[..., cols] * -2.0
+    ref = (probs @ v)[:, :, image].transpose(1, 2).flatten(2)
+    torch.testing.assert_close(edited["out"].double(), ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(edited["out"].double(), plain["out"].double(), atol=1e-4)
+
+
+def test_reweighting_records_the_probabilities_the_model_used(pipe):
+    """In the reweighted first layer at the first call, the recorded attention of the edited head on the word
+    tokens is factor x the unedited one; every other head and token is unchanged."""
+    from evalkit.interventions import semantic_positions
+
+    info = _layers(pipe)[0][0]
+    kw = dict(stats={"attn"}, seeds=0, steps=1, height=64, width=64)
+    plain = generate(pipe, PROMPT, **kw).traces[0]
+    edited = generate(pipe, PROMPT, interventions=[HeadReweighting([info.head_names()[0]], factor=0.5)],
+                      **kw).traces[0]
+    cols = semantic_positions(plain.tokens)
+    a, b = plain.stats["attn"][0], edited.stats["attn"][0]
+    torch.testing.assert_close(b[0][:, cols], 0.5 * a[0][:, cols])
+    mask = torch.ones_like(a, dtype=torch.bool)
+    mask[0][:, cols] = False
+    torch.testing.assert_close(b[mask], a[mask])
+
+
+def test_reweighting_by_one_is_no_reweighting_and_bad_heads_are_clear_errors(pipe):
+    heads = _layers(pipe)[0][0].head_names()[:2] + _layers(pipe)[-1][0].head_names()[:1]
+    plain = _image(pipe)
+    assert np.abs(_image(pipe, interventions=[HeadReweighting(heads, factor=1.0)]) - plain).max() <= 1
+    assert np.abs(_image(pipe, interventions=[HeadReweighting(heads, factor=-2.0)]) - plain).max() > 0
     with pytest.raises(ValueError, match="are not heads of this model"):
         generate(pipe, PROMPT, **KW, interventions=[HeadAblation(["down, layer: 0, head: 0"])])
 
@@ -106,8 +180,8 @@ def test_reweighting_on_an_mmdit_is_a_clear_error(pipe):
     ("pos-ablation", "tiny-sd3", ["NOUN", "FUNC"]),
 ])
 def test_intervention_suites_run_on_mmdit_models(suite, model, rows, tmp_path, monkeypatch):
-    """The suites built on token removal, head removal and steering run on SD3/Flux (they failed with an internal
-    error before); HRV strengthening, which reweights probabilities, is excluded per item with its reason."""
+    """The suites built on token removal, head removal, value steering and HRV strengthening run on SD3/Flux (they
+    failed with an internal error before)."""
     import json
 
     from evalkit.cli import main
@@ -119,5 +193,5 @@ def test_intervention_suites_run_on_mmdit_models(suite, model, rows, tmp_path, m
     text = json.dumps(results)
     for row in rows:
         assert row in text
-    if suite == "steering-adherence":
-        assert "SD3/Flux compute inside their fused attention" in text
+    if suite == "steering-adherence":  # HRV strengthening (reweighting) runs on MM-DiT models too
+        assert "hrv-strengthening" in text and "fused attention" not in text

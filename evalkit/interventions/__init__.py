@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..trace import LayerEdit, LayerInfo, PromptTokens
+from ..trace import JointTokens, LayerEdit, LayerInfo, PromptTokens
 
 
 def head_index(layers: Sequence[LayerInfo]) -> dict[str, tuple[LayerInfo, int]]:
@@ -30,8 +30,12 @@ def _check_heads(heads: Sequence[str], layers: Sequence[LayerInfo]) -> dict[str,
     return index
 
 
-def semantic_positions(tokens: PromptTokens) -> list[int]:
-    """Token positions of the prompt's words: everything between the start and the end token."""
+def semantic_positions(tokens: PromptTokens | JointTokens) -> list[int]:
+    """Token positions of the prompt's words: everything between the start and the end token; on an MM-DiT
+    (:class:`JointTokens`) the word tokens of every tokenizer's part (CLIP's and T5's on SD3, T5's on Flux, which
+    has no start token), as key positions."""
+    if isinstance(tokens, JointTokens):
+        return sorted({offset + p for _, tok, offset in tokens.parts for w in tok.words for p in w.positions})
     return list(range(1, tokens.n_tokens - 1))
 
 

@@ -130,13 +130,6 @@ def _steer_compute(pipe, spec, case, variants, method, stats):
             ivs = ValueSteering.from_sensitivity(scores, alpha=float(v.params.get("alpha", 2.0)),
                                                  k=int(v.params.get("k", 5)), steps=int(steps))
         else:
-            from ..trace import denoiser_of, is_mmdit
-
-            if is_mmdit(denoiser_of(pipe)):
-                info[v.id] = {"steering": "hrv", "excluded": "HRV strengthening rescales attention probabilities, "
-                                                              "which SD3/Flux compute inside their fused attention "
-                                                              "(UNet models only)"}
-                continue
             path = v.params.get("hrv")
             if not path:
                 info[v.id] = {"steering": "hrv", "excluded": "no HRV configured (set params.hrv to a file, "

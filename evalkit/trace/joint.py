@@ -249,7 +249,8 @@ class JointTracingProcessor:
     they are recomputed (:func:`joint_qkv`), with the same result."""
 
     def __init__(self, original, kind: str, recorder: LayerRecorder | None, rows: slice, reading: str = "joint",
-                 text_len: Callable[[], int | None] = lambda: None, observer=None, concepts=None) -> None:
+                 text_len: Callable[[], int | None] = lambda: None, observer=None, concepts=None,
+                 prob_scale: torch.Tensor | None = None) -> None:
         if reading not in READINGS:
             raise ValueError(f"unknown joint-attention reading {reading!r}; choose one of {list(READINGS)}")
         self.original = original
@@ -260,6 +261,7 @@ class JointTracingProcessor:
         self.text_len = text_len
         self.observer = observer
         self.concepts = concepts  # a ConceptStream (evalkit.trace.concept) for joint/double layers, or None
+        self.prob_scale = prob_scale  # (H, T) reweighting of this layer (evalkit.trace.joint_edits), recorded too
         self.n_calls = 0
         self._capturing = False
         self._captured: dict[str, tuple[str, torch.Tensor]] = {}
@@ -359,6 +361,8 @@ class JointTracingProcessor:
             return q
         scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
         probs = text_probabilities(q, keys, text, scale, self.reading)
+        if self.prob_scale is not None:  # reweighted by joint_edits: record the probabilities the model used
+            probs = probs * self.prob_scale[:, : probs.shape[-1]].to(probs)[None, :, None, :]
         source = encoder_hidden_states if encoder_hidden_states is not None else hidden_states
         vkey = self.recorder_key(source)
         self.recorder.record_probs(attn, probs, values, vkey)

@@ -142,8 +142,10 @@ class Tracer:
                 out_weight = block.proj_out.weight[:, : module.heads * module.head_dim]
             recorder = LayerRecorder(recorded, None, out_weight) if recorded else None
             self._originals.append((module, module.processor))
+            edit = self.edits.get(info.name)
             processor = JointTracingProcessor(module.processor, kind, recorder, rows, self.reading,
-                                              lambda: self._text_len, observer, stream)
+                                              lambda: self._text_len, observer, stream,
+                                              edit.prob_scale if edit is not None else None)
             module.set_processor(processor)
             self._hooks.extend(processor.attach(module))
             self._joint_processors.append(processor)
